@@ -1,0 +1,426 @@
+//! Streaming client for Ollama's native API (`/api/chat`, `/api/generate`), and the checks made
+//! before a run (is the server up, is the model there).
+//!
+//! Reply bytes go through an idle timer (no byte for `idle_timeout_secs` is a stall; there is no
+//! deadline on the whole reply), then the line framer, then JSON per complete line. Every line is
+//! checked for `error`; a reply that ends without `done: true` is truncated, not a success.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use data_generator::backend::{Chunk, ClientError, Stats};
+use data_generator::config::{Config, OllamaApi};
+use data_generator::framing::{FrameError, LineCodec};
+use futures::stream::{self, BoxStream, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio_util::codec::FramedRead;
+use tokio_util::io::StreamReader;
+
+pub struct OllamaClient {
+    http: reqwest::Client,
+    base: String,
+    api: OllamaApi,
+    model: String,
+    keep_alive: Option<Value>,
+    think: Option<Value>,
+    idle: Duration,
+}
+
+/// What the startup check learnt about the server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerInfo {
+    pub version: Option<String>,
+    pub capabilities: Vec<String>,
+}
+
+impl OllamaClient {
+    pub fn new(cfg: &Config) -> anyhow::Result<OllamaClient> {
+        let b = cfg.backend();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs_f64(cfg.run().connect_timeout_secs))
+            .pool_max_idle_per_host(cfg.run().concurrency)
+            .user_agent(concat!("data_generator/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(OllamaClient {
+            http,
+            base: cfg.url.clone(),
+            api: b.api,
+            model: b.model.clone(),
+            keep_alive: b.keep_alive.clone(),
+            think: b.think.clone(),
+            idle: Duration::from_secs_f64(cfg.run().idle_timeout_secs),
+        })
+    }
+
+    /// Before the first row: the server answers, the model exists and can do what is asked.
+    pub async fn check(&self) -> anyhow::Result<ServerInfo> {
+        let url = format!("{}/api/version", self.base);
+        let resp = tokio::time::timeout(self.idle, self.http.get(&url).send())
+            .await
+            .map_err(|_| anyhow::anyhow!("Ollama at {} did not answer within {:?}", self.base, self.idle))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach Ollama at {}: {}\nIs it running? Start it with `ollama serve`, or point backend.url \
+                     (or OLLAMA_HOST, or --url) at the right address.",
+                    self.base,
+                    error_chain(&e)
+                )
+            })?;
+        if !resp.status().is_success() {
+            anyhow::bail!("{url} answered HTTP {}: is {} an Ollama server?", resp.status(), self.base);
+        }
+        let version = resp.json::<Value>().await.ok().and_then(|v| v.get("version")?.as_str().map(str::to_owned));
+
+        let show = format!("{}/api/show", self.base);
+        let resp = tokio::time::timeout(self.idle, self.http.post(&show).json(&json!({ "model": self.model })).send())
+            .await
+            .map_err(|_| anyhow::anyhow!("{show} did not answer within {:?}", self.idle))?
+            .map_err(|e| anyhow::anyhow!("cannot reach Ollama at {}: {}", self.base, error_chain(&e)))?;
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            anyhow::bail!(
+                "model {:?} is not on the Ollama server at {}: pull it with `ollama pull {}`, or set backend.model \
+                 (or --model) to one that `ollama list` shows",
+                self.model,
+                self.base,
+                self.model
+            );
+        }
+        if !status.is_success() {
+            anyhow::bail!("{show} answered HTTP {status} for model {:?}: {}", self.model, error_message(&body));
+        }
+        let capabilities: Vec<String> = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("capabilities").cloned())
+            .and_then(|c| serde_json::from_value(c).ok())
+            .unwrap_or_default();
+        if !capabilities.is_empty() {
+            if !capabilities.iter().any(|c| c == "completion") {
+                anyhow::bail!(
+                    "model {:?} cannot generate text (its capabilities: {}): pick a chat or completion model",
+                    self.model,
+                    capabilities.join(", ")
+                );
+            }
+            let wants_thinking = matches!(&self.think, Some(Value::Bool(true)) | Some(Value::String(_)));
+            if wants_thinking && !capabilities.iter().any(|c| c == "thinking") {
+                anyhow::bail!("backend.think is set, but model {:?} cannot think: remove `think` or pick a reasoning model", self.model);
+            }
+        }
+        Ok(ServerInfo { version, capabilities })
+    }
+
+    fn body(&self, system: Option<&str>, prompt: &str, options: &Map<String, Value>) -> Value {
+        let mut body = match self.api {
+            OllamaApi::Chat => {
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(json!({ "role": "system", "content": s }));
+                }
+                messages.push(json!({ "role": "user", "content": prompt }));
+                json!({ "model": self.model, "messages": messages, "stream": true })
+            }
+            OllamaApi::Generate => {
+                let mut b = json!({ "model": self.model, "prompt": prompt, "stream": true });
+                if let Some(s) = system {
+                    b["system"] = json!(s);
+                }
+                b
+            }
+        };
+        if !options.is_empty() {
+            body["options"] = Value::Object(options.clone());
+        }
+        if let Some(k) = &self.keep_alive {
+            body["keep_alive"] = k.clone();
+        }
+        if let Some(t) = &self.think {
+            body["think"] = t.clone();
+        }
+        body
+    }
+
+    /// Sends one request; the reply comes as a stream of chunks ending in `Chunk::Done`, or an error.
+    pub async fn stream(
+        &self,
+        system: Option<&str>,
+        prompt: &str,
+        options: &Map<String, Value>,
+    ) -> Result<BoxStream<'static, Result<Chunk, ClientError>>, ClientError> {
+        let path = match self.api {
+            OllamaApi::Chat => "/api/chat",
+            OllamaApi::Generate => "/api/generate",
+        };
+        let url = format!("{}{}", self.base, path);
+        let req = self.http.post(&url).json(&self.body(system, prompt, options));
+        // Headers arrive with the first token: the idle limit covers model load and prompt evaluation.
+        let resp = match tokio::time::timeout(self.idle, req.send()).await {
+            Err(_) => return Err(ClientError::Idle(self.idle)),
+            Ok(Err(e)) if e.is_connect() || e.is_timeout() => {
+                return Err(ClientError::Connect { url, message: error_chain(&e) })
+            }
+            Ok(Err(e)) => return Err(ClientError::Body(error_chain(&e))),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status();
+        if !status.is_success() {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64);
+            let body = tokio::time::timeout(self.idle, resp.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
+            let message = error_message(&body);
+            if status == reqwest::StatusCode::NOT_FOUND && message.contains("not found") {
+                return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() });
+            }
+            return Err(ClientError::Status { url, status: status.as_u16(), message, retry_after });
+        }
+        Ok(decode_reply(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
+    }
+}
+
+/// Reply bytes with a limit on the silence between them; a stall becomes a `TimedOut` error.
+fn idle_bytes<S>(body: S, idle: Duration) -> impl Stream<Item = io::Result<Bytes>> + Send
+where
+    S: Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+{
+    stream::unfold(Some(Box::pin(body)), move |state| async move {
+        let mut body = state?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Err(_) => Some((Err(io::Error::new(io::ErrorKind::TimedOut, IdleMarker(idle))), None)),
+            Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
+            Ok(Some(Err(e))) => Some((Err(io::Error::other(error_chain(&e))), None)),
+            Ok(None) => None,
+        }
+    })
+}
+
+#[derive(Debug)]
+struct IdleMarker(Duration);
+impl std::fmt::Display for IdleMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no data for {:?}", self.0)
+    }
+}
+impl std::error::Error for IdleMarker {}
+
+/// One NDJSON line of a chat or generate reply.
+#[derive(Deserialize, Default)]
+struct ReplyLine {
+    error: Option<Value>,
+    message: Option<Message>,
+    response: Option<String>,
+    thinking: Option<String>,
+    #[serde(default)]
+    done: bool,
+    done_reason: Option<String>,
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+    total_duration: Option<u64>,
+    load_duration: Option<u64>,
+    eval_duration: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct Message {
+    content: Option<String>,
+    thinking: Option<String>,
+}
+
+/// Frames reply bytes into lines and lines into chunks. Ends after `Done`, after the first error,
+/// or with `Truncated` when the bytes run out before a `done: true` line.
+pub fn decode_reply<S>(bytes: S) -> impl Stream<Item = Result<Chunk, ClientError>> + Send
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + 'static,
+{
+    let lines = FramedRead::new(StreamReader::new(Box::pin(bytes)), LineCodec::default());
+    stream::unfold(Some((lines, Vec::<Chunk>::new())), |state| async move {
+        let (mut lines, mut pending) = state?;
+        loop {
+            if !pending.is_empty() {
+                let chunk = pending.remove(0);
+                let last = matches!(chunk, Chunk::Done(_));
+                return Some((Ok(chunk), (!last).then_some((lines, pending))));
+            }
+            match lines.next().await {
+                None => return Some((Err(ClientError::Truncated), None)),
+                Some(Err(e)) => return Some((Err(frame_error(e)), None)),
+                Some(Ok(line)) => match decode_line(&line) {
+                    Ok(chunks) => pending = chunks,
+                    Err(e) => return Some((Err(e), None)),
+                },
+            }
+        }
+    })
+}
+
+fn frame_error(e: FrameError) -> ClientError {
+    match e {
+        FrameError::Io(e) if e.kind() == io::ErrorKind::TimedOut => match e.get_ref().and_then(|i| i.downcast_ref::<IdleMarker>()) {
+            Some(IdleMarker(d)) => ClientError::Idle(*d),
+            None => ClientError::Body(e.to_string()),
+        },
+        FrameError::Io(e) => ClientError::Body(e.to_string()),
+        e @ FrameError::LineTooLong { .. } => ClientError::Frame(e.to_string()),
+    }
+}
+
+fn decode_line(line: &[u8]) -> Result<Vec<Chunk>, ClientError> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let l: ReplyLine = serde_json::from_slice(line).map_err(|e| ClientError::Decode {
+        message: e.to_string(),
+        start: String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned(),
+    })?;
+    if let Some(err) = l.error {
+        let msg = match err {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        return Err(ClientError::StreamError(msg));
+    }
+    let (content, thinking) = match l.message {
+        Some(m) => (m.content, m.thinking.or(l.thinking)),
+        None => (l.response, l.thinking),
+    };
+    let mut out = Vec::with_capacity(1);
+    if let Some(t) = thinking.filter(|t| !t.is_empty()) {
+        out.push(Chunk::Thinking(t));
+    }
+    if let Some(c) = content.filter(|c| !c.is_empty()) {
+        out.push(Chunk::Content(c));
+    }
+    if l.done {
+        out.push(Chunk::Done(Stats {
+            done_reason: l.done_reason,
+            prompt_tokens: l.prompt_eval_count,
+            completion_tokens: l.eval_count,
+            total_duration_ns: l.total_duration,
+            load_duration_ns: l.load_duration,
+            eval_duration_ns: l.eval_duration,
+        }));
+    }
+    Ok(out)
+}
+
+/// The `error` string of an Ollama error body, or the body itself.
+fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        match v.get("error") {
+            Some(Value::String(s)) => return s.clone(),
+            Some(Value::Object(o)) => {
+                if let Some(Value::String(s)) = o.get("message") {
+                    return s.clone();
+                }
+            }
+            _ => {}
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "(no body)".to_owned()
+    } else {
+        text.chars().take(300).collect()
+    }
+}
+
+/// An error with its causes, `a: b: c`, as reqwest hides the useful part in the source chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPLY: &str = concat!(
+        r#"{"model":"m","message":{"role":"assistant","content":"","thinking":"Hmm, "},"done":false}"#, "\n",
+        r#"{"model":"m","message":{"role":"assistant","content":"","thinking":"ça"},"done":false}"#, "\n",
+        r#"{"model":"m","message":{"role":"assistant","content":"Héllo, "},"done":false}"#, "\n",
+        r#"{"model":"m","message":{"role":"assistant","content":"日本 🎉\n\"q\""},"done":false}"#, "\n",
+        r#"{"model":"m","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop","prompt_eval_count":26,"eval_count":3,"eval_duration":1500000}"#, "\n",
+    );
+
+    async fn collect(pieces: Vec<Vec<u8>>) -> Vec<Result<Chunk, String>> {
+        let s = stream::iter(pieces.into_iter().map(|p| Ok(Bytes::from(p))));
+        decode_reply(s).map(|r| r.map_err(|e| e.to_string())).collect().await
+    }
+
+    #[tokio::test]
+    async fn one_byte_at_a_time_equals_one_read() {
+        let whole = collect(vec![REPLY.as_bytes().to_vec()]).await;
+        let bytewise = collect(REPLY.as_bytes().iter().map(|b| vec![*b]).collect()).await;
+        assert_eq!(whole, bytewise);
+        let text: String = whole
+            .iter()
+            .filter_map(|c| match c {
+                Ok(Chunk::Content(t)) => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "Héllo, 日本 🎉\n\"q\"");
+        assert!(whole.contains(&Ok(Chunk::Thinking("ça".into()))));
+        match whole.last() {
+            Some(Ok(Chunk::Done(s))) => {
+                assert_eq!(s.done_reason.as_deref(), Some("stop"));
+                assert_eq!((s.prompt_tokens, s.completion_tokens, s.eval_duration_ns), (Some(26), Some(3), Some(1_500_000)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn final_line_without_newline_is_parsed() {
+        let r = collect(vec![REPLY.trim_end().as_bytes().to_vec()]).await;
+        assert!(matches!(r.last(), Some(Ok(Chunk::Done(_)))));
+    }
+
+    #[tokio::test]
+    async fn missing_done_is_truncated() {
+        let cut: String = REPLY.lines().take(3).map(|l| format!("{l}\n")).collect();
+        let r = collect(vec![cut.into_bytes()]).await;
+        assert_eq!(r.last(), Some(&Err(ClientError::Truncated.to_string())));
+    }
+
+    #[tokio::test]
+    async fn error_line_mid_stream_is_an_error() {
+        let body = format!("{}{}\n", REPLY.lines().next().unwrap_or_default(), "\n{\"error\":\"runner crashed\"}");
+        let r = collect(vec![body.into_bytes()]).await;
+        assert!(matches!(r.last(), Some(Err(e)) if e.contains("runner crashed")), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn generate_replies_use_response() {
+        let body = "{\"response\":\"a\",\"done\":false}\n{\"response\":\"b\",\"done\":true,\"context\":[1,2,3]}\n";
+        let r = collect(vec![body.as_bytes().to_vec()]).await;
+        assert_eq!(r[0], Ok(Chunk::Content("a".into())));
+        assert_eq!(r[1], Ok(Chunk::Content("b".into())));
+        assert!(matches!(r[2], Ok(Chunk::Done(_))));
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(error_message(br#"{"error":"model 'x' not found"}"#), "model 'x' not found");
+        assert_eq!(error_message(b""), "(no body)");
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+}

@@ -1,0 +1,604 @@
+//! The run configuration: `run.toml` parsed into typed structs, checked as a whole, and resolved
+//! (paths made absolute against the config's folder, the server URL chosen, prompt files read)
+//! before anything talks to a server. Every error names the file and the key to fix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::input::InputFormat;
+
+/// Default Ollama address when neither the config nor `OLLAMA_HOST` gives one.
+pub const DEFAULT_OLLAMA_URL: &str = "http://127.0.0.1:11434";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+    #[error("{path}: `{key}`: cannot read {file}: {source}")]
+    File { path: PathBuf, key: String, file: PathBuf, source: std::io::Error },
+}
+
+/// `run.toml` as written. Unknown keys are rejected: they are typos.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The run's name; output defaults to `output/<name>/`.
+    pub name: String,
+    pub backend: BackendConfig,
+    /// Sampling options, passed to Ollama's `options` as they are.
+    #[serde(default)]
+    pub options: Map<String, Value>,
+    pub prompts: PromptsConfig,
+    pub input: InputConfig,
+    #[serde(default)]
+    pub run: RunSettings,
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Ollama,
+    Openai,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OllamaApi {
+    /// `/api/chat`: system and user messages; the model's chat template applies.
+    #[default]
+    Chat,
+    /// `/api/generate`: a prompt and a `system` field.
+    Generate,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    /// Server address; for Ollama, absent means `$OLLAMA_HOST` by Ollama's rules, else localhost.
+    pub url: Option<String>,
+    pub model: String,
+    #[serde(default)]
+    pub api: OllamaApi,
+    /// How long Ollama keeps the model loaded after a request: `"30m"`, or seconds.
+    pub keep_alive: Option<Value>,
+    /// Reasoning models: `true`/`false` or `"low" | "medium" | "high"`.
+    pub think: Option<Value>,
+    /// Name of the environment variable that holds an API key (never the key itself).
+    pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptsConfig {
+    /// File holding the system prompt.
+    pub system: Option<PathBuf>,
+    /// The system prompt inline.
+    pub system_text: Option<String>,
+    /// File holding the user-prompt template (minijinja).
+    pub template: Option<PathBuf>,
+    /// The user-prompt template inline.
+    pub template_text: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub path: PathBuf,
+    /// Field holding each row's id; default: the line the row starts on.
+    pub id_field: Option<String>,
+    /// `jsonl` | `csv` | `txt`; default: from the file's extension.
+    pub format: Option<InputFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSettings {
+    /// Requests in flight.
+    pub concurrency: usize,
+    pub samples_per_prompt: u32,
+    /// Retries after the first attempt of a row.
+    pub max_retries: u32,
+    pub connect_timeout_secs: f64,
+    /// No byte for this long is a stalled attempt (covers model load and prompt evaluation).
+    pub idle_timeout_secs: f64,
+    /// First retry delay; doubles each retry (capped at 60 s), with jitter.
+    pub retry_base_delay_ms: u64,
+    /// Only the first N rows.
+    pub limit: Option<u64>,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            concurrency: 4,
+            samples_per_prompt: 1,
+            max_retries: 4,
+            connect_timeout_secs: 10.0,
+            idle_timeout_secs: 120.0,
+            retry_base_delay_ms: 500,
+            limit: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    pub dir: Option<PathBuf>,
+    pub formats: Vec<OutputFormat>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig { dir: None, formats: vec![OutputFormat::Jsonl, OutputFormat::Csv] }
+    }
+}
+
+/// Command-line values that take precedence over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub output: Option<PathBuf>,
+    pub limit: Option<u64>,
+    pub concurrency: Option<usize>,
+    pub model: Option<String>,
+    pub url: Option<String>,
+}
+
+/// A checked configuration, ready to run: paths resolved, prompt texts loaded.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The config file it came from.
+    pub path: PathBuf,
+    /// The file's contents after overrides (for the manifest).
+    pub raw: RunConfig,
+    pub url: String,
+    pub system: Option<String>,
+    pub template: String,
+    /// Where the template came from, for error messages.
+    pub template_origin: String,
+    pub input_path: PathBuf,
+    pub input_format: InputFormat,
+    pub output_dir: PathBuf,
+}
+
+impl Config {
+    pub fn name(&self) -> &str {
+        &self.raw.name
+    }
+    pub fn backend(&self) -> &BackendConfig {
+        &self.raw.backend
+    }
+    pub fn run(&self) -> &RunSettings {
+        &self.raw.run
+    }
+    pub fn options(&self) -> &Map<String, Value> {
+        &self.raw.options
+    }
+}
+
+/// Reads, parses, overrides, validates and resolves a config file.
+/// `env_host` is the value of `OLLAMA_HOST` (passed in so that tests need not touch the environment).
+pub fn load(path: &Path, overrides: &Overrides, env_host: Option<&str>) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let mut raw: RunConfig = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+    apply_overrides(&mut raw, overrides);
+    let mut cfg = resolve(path, raw, env_host)?;
+    if let Some(dir) = &overrides.output {
+        // As the user typed it: relative to the working directory.
+        cfg.output_dir = dir.clone();
+        cfg.raw.output.dir = Some(dir.clone());
+    }
+    Ok(cfg)
+}
+
+fn apply_overrides(raw: &mut RunConfig, o: &Overrides) {
+    if let Some(limit) = o.limit {
+        raw.run.limit = Some(limit);
+    }
+    if let Some(c) = o.concurrency {
+        raw.run.concurrency = c;
+    }
+    if let Some(m) = &o.model {
+        raw.backend.model = m.clone();
+    }
+    if let Some(u) = &o.url {
+        raw.backend.url = Some(u.clone());
+    }
+}
+
+fn resolve(path: &Path, raw: RunConfig, env_host: Option<&str>) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key: key.to_owned(),
+        message,
+    };
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let rel = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+
+    if raw.name.trim().is_empty() {
+        return Err(invalid("name", "must not be empty".into()));
+    }
+    if raw.name.contains(['/', '\\']) || raw.name == "." || raw.name == ".." {
+        return Err(invalid("name", format!("{:?} is used as a folder name: no slashes", raw.name)));
+    }
+    let b = &raw.backend;
+    if b.model.trim().is_empty() {
+        return Err(invalid("backend.model", "must not be empty".into()));
+    }
+    if b.kind == BackendKind::Openai {
+        return Err(invalid(
+            "backend.kind",
+            "\"openai\" is not supported by this version yet; use \"ollama\"".into(),
+        ));
+    }
+    let url = match &b.url {
+        Some(u) => normalize_url(u).map_err(|m| invalid("backend.url", m))?,
+        None => ollama_host_url(env_host.unwrap_or("")).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?,
+    };
+    if let Some(k) = &b.keep_alive {
+        let ok = match k {
+            Value::String(s) => valid_go_duration(s),
+            Value::Number(_) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(invalid(
+                "backend.keep_alive",
+                format!("{k} is not a duration: write \"30m\", \"1h\", \"-1\" (forever) or a number of seconds"),
+            ));
+        }
+    }
+    if let Some(t) = &b.think {
+        let ok = matches!(t, Value::Bool(_))
+            || matches!(t, Value::String(s) if ["low", "medium", "high"].contains(&s.as_str()));
+        if !ok {
+            return Err(invalid("backend.think", format!("{t} must be true, false, \"low\", \"medium\" or \"high\"")));
+        }
+    }
+    if let Some(name) = &b.api_key_env {
+        if name.is_empty() || name.chars().any(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
+            return Err(invalid(
+                "backend.api_key_env",
+                "must be the NAME of an environment variable (letters, digits, _), never the key itself".into(),
+            ));
+        }
+    }
+    validate_options(&raw.options).map_err(|(k, m)| invalid(&format!("options.{k}"), m))?;
+
+    let r = &raw.run;
+    if r.concurrency == 0 {
+        return Err(invalid("run.concurrency", "must be at least 1".into()));
+    }
+    if r.concurrency > 1024 {
+        return Err(invalid("run.concurrency", format!("{} is more than 1024", r.concurrency)));
+    }
+    if r.samples_per_prompt == 0 {
+        return Err(invalid("run.samples_per_prompt", "must be at least 1".into()));
+    }
+    for (key, v) in [("run.connect_timeout_secs", r.connect_timeout_secs), ("run.idle_timeout_secs", r.idle_timeout_secs)] {
+        if !(v.is_finite() && v > 0.0) {
+            return Err(invalid(key, format!("{v} must be a positive number of seconds")));
+        }
+    }
+    if r.limit == Some(0) {
+        return Err(invalid("run.limit", "must be at least 1 (leave it out for all rows)".into()));
+    }
+
+    let p = &raw.prompts;
+    let system = match (&p.system, &p.system_text) {
+        (Some(_), Some(_)) => return Err(invalid("prompts.system", "give `system` (a file) or `system_text`, not both".into())),
+        (Some(f), None) => Some(read_prompt_file(path, "prompts.system", &rel(f))?),
+        (None, Some(t)) => Some(t.clone()),
+        (None, None) => None,
+    };
+    let (template, template_origin) = match (&p.template, &p.template_text) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("prompts.template", "give `template` (a file) or `template_text`, not both".into()))
+        }
+        (Some(f), None) => {
+            let file = rel(f);
+            (read_prompt_file(path, "prompts.template", &file)?, file.display().to_string())
+        }
+        (None, Some(t)) => (t.clone(), format!("{}: prompts.template_text", path.display())),
+        (None, None) => {
+            return Err(invalid("prompts.template", "missing: give `template` (a file) or `template_text`".into()))
+        }
+    };
+
+    let input_path = rel(&raw.input.path);
+    let input_format = match raw.input.format {
+        Some(f) => f,
+        None => InputFormat::from_path(&input_path).ok_or_else(|| {
+            invalid(
+                "input.path",
+                format!("cannot tell the format of {} from its extension: use .jsonl, .csv or .txt, or set input.format", input_path.display()),
+            )
+        })?,
+    };
+    if !input_path.is_file() {
+        return Err(invalid("input.path", format!("no such file: {}", input_path.display())));
+    }
+    if let Some(f) = &raw.input.id_field {
+        if f.is_empty() {
+            return Err(invalid("input.id_field", "must not be empty".into()));
+        }
+        if input_format == InputFormat::Txt && f != "prompt" {
+            return Err(invalid("input.id_field", "a .txt input has one field, `prompt`: leave id_field out".into()));
+        }
+    }
+
+    if raw.output.formats.is_empty() {
+        return Err(invalid("output.formats", "must name at least one of \"jsonl\", \"csv\"".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &raw.output.formats {
+        if !seen.insert(f) {
+            return Err(invalid("output.formats", format!("{f:?} is listed twice")));
+        }
+    }
+    // A folder written in the file is relative to the file; the default is relative to the cwd.
+    let output_dir = match &raw.output.dir {
+        Some(d) => rel(d),
+        None => PathBuf::from("output").join(&raw.name),
+    };
+
+    Ok(Config {
+        path: path.to_owned(),
+        url,
+        system,
+        template,
+        template_origin,
+        input_path,
+        input_format,
+        output_dir,
+        raw,
+    })
+}
+
+fn read_prompt_file(cfg: &Path, key: &str, file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file).map_err(|source| ConfigError::File {
+        path: cfg.to_owned(),
+        key: key.to_owned(),
+        file: file.to_owned(),
+        source,
+    })
+}
+
+/// Sampling and load options Ollama knows (api/types.go). Others pass through, but one that is
+/// a near miss of a known name is a typo and an error.
+const KNOWN_OPTIONS: &[&str] = &[
+    "num_keep", "seed", "num_predict", "top_k", "top_p", "min_p", "typical_p", "repeat_last_n",
+    "temperature", "repeat_penalty", "presence_penalty", "frequency_penalty", "penalize_newline",
+    "stop", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta", "numa", "num_ctx", "num_batch",
+    "num_gpu", "main_gpu", "low_vram", "vocab_only", "use_mmap", "use_mlock", "num_thread",
+];
+
+fn validate_options(opts: &Map<String, Value>) -> Result<(), (String, String)> {
+    for (k, v) in opts {
+        let err = |m: &str| Err((k.clone(), m.to_owned()));
+        match k.as_str() {
+            "temperature" | "top_p" | "min_p" | "typical_p" | "repeat_penalty" | "presence_penalty"
+            | "frequency_penalty" | "tfs_z" | "mirostat_tau" | "mirostat_eta" => {
+                if !v.is_number() {
+                    return err("must be a number");
+                }
+            }
+            "seed" | "num_predict" | "top_k" | "num_ctx" | "num_keep" | "repeat_last_n" | "num_batch"
+            | "num_gpu" | "main_gpu" | "num_thread" | "mirostat" => {
+                if !(v.is_i64() || v.is_u64()) {
+                    return err("must be a whole number");
+                }
+            }
+            "stop" => {
+                let ok = match v {
+                    Value::String(_) => true,
+                    Value::Array(a) => a.iter().all(Value::is_string),
+                    _ => false,
+                };
+                if !ok {
+                    return err("must be a string or a list of strings");
+                }
+            }
+            _ if KNOWN_OPTIONS.contains(&k.as_str()) => {}
+            _ => {
+                if let Some(near) = KNOWN_OPTIONS.iter().find(|known| edit_distance(k, known) <= 2) {
+                    return Err((k.clone(), format!("unknown option; did you mean `{near}`?")));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Options that are not in Ollama's list: passed through, but worth a line in the log.
+pub fn unknown_options(opts: &Map<String, Value>) -> Vec<String> {
+    opts.keys().filter(|k| !KNOWN_OPTIONS.contains(&k.as_str())).cloned().collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A Go duration ("30m", "1h30m", "-1", "10s", "500ms") or a plain number of seconds.
+fn valid_go_duration(s: &str) -> bool {
+    let s = s.trim();
+    let s = s.strip_prefix('-').unwrap_or(s);
+    if s.is_empty() {
+        return false;
+    }
+    if s.parse::<f64>().is_ok() {
+        return true;
+    }
+    let mut rest = s;
+    while !rest.is_empty() {
+        let n = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if n == 0 {
+            return false;
+        }
+        rest = &rest[n..];
+        let unit = ["ns", "us", "µs", "ms", "s", "m", "h"].iter().find(|u| rest.starts_with(**u));
+        match unit {
+            Some(u) => rest = &rest[u.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// A URL from the config or the command line: must be http(s); a trailing slash is dropped.
+fn normalize_url(u: &str) -> Result<String, String> {
+    let u = u.trim();
+    let parsed = reqwest::Url::parse(u).map_err(|e| format!("{u:?} is not a URL: {e}"))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(format!("{u:?}: only http:// and https:// are supported"));
+    }
+    Ok(u.trim_end_matches('/').to_owned())
+}
+
+/// `OLLAMA_HOST` by Ollama's own rules: empty means localhost:11434; a bare host gets port 11434;
+/// a scheme without a port means 80/443; a path is kept; bind addresses map to loopback.
+pub fn ollama_host_url(raw: &str) -> Result<String, String> {
+    let s = raw.trim().trim_matches(|c| c == '"' || c == '\'').trim();
+    if s.is_empty() {
+        return Ok(DEFAULT_OLLAMA_URL.to_owned());
+    }
+    let (scheme, rest, default_port) = match s.split_once("://") {
+        Some((scheme, rest)) => {
+            let scheme = scheme.to_ascii_lowercase();
+            let port = match scheme.as_str() {
+                "http" => "80",
+                "https" => "443",
+                _ => return Err(format!("{raw:?}: only http:// and https:// are supported")),
+            };
+            (scheme, rest, port)
+        }
+        None => ("http".to_owned(), s, "11434"),
+    };
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let (host, port) = split_host_port(hostport).unwrap_or((hostport, default_port));
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match host {
+        "" | "0.0.0.0" => "127.0.0.1".to_owned(),
+        "::" => "[::1]".to_owned(),
+        h if h.contains(':') => format!("[{h}]"),
+        h => h.to_owned(),
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("{raw:?}: {port:?} is not a port"));
+    }
+    let url = format!("{scheme}://{host}:{port}{path}");
+    normalize_url(&url).map_err(|_| format!("{raw:?} does not make a URL ({url})"))
+}
+
+/// `host:port` or `[v6]:port`; None when there is no port.
+fn split_host_port(s: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let end = rest.find(']')?;
+        let port = rest[end + 1..].strip_prefix(':')?;
+        return Some((&s[..end + 2], port));
+    }
+    let (h, p) = s.rsplit_once(':')?;
+    if h.contains(':') {
+        return None; // a bare IPv6 address
+    }
+    Some((h, p))
+}
+
+/// The config as written plus overrides, with nothing secret in it, for the manifest.
+pub fn snapshot(cfg: &Config) -> Value {
+    let mut v = serde_json::to_value(&cfg.raw).unwrap_or(Value::Null);
+    if let Some(b) = v.get_mut("backend").and_then(Value::as_object_mut) {
+        b.insert("url".into(), Value::String(cfg.url.clone()));
+    }
+    v
+}
+
+/// Sorted option pairs, for logs and keys.
+pub fn options_sorted(opts: &Map<String, Value>) -> BTreeMap<&str, &Value> {
+    opts.iter().map(|(k, v)| (k.as_str(), v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ollama_host_rules() {
+        let cases = [
+            ("", "http://127.0.0.1:11434"),
+            ("  \"\" ", "http://127.0.0.1:11434"),
+            ("1.2.3.4", "http://1.2.3.4:11434"),
+            ("example.com:1234", "http://example.com:1234"),
+            ("http://example.com", "http://example.com:80"),
+            ("https://example.com", "https://example.com:443"),
+            ("https://x.com/ollama", "https://x.com:443/ollama"),
+            ("[::1]", "http://[::1]:11434"),
+            ("[::1]:56000", "http://[::1]:56000"),
+            ("0.0.0.0", "http://127.0.0.1:11434"),
+            ("0.0.0.0:9999", "http://127.0.0.1:9999"),
+            ("[::]", "http://[::1]:11434"),
+            (":1234", "http://127.0.0.1:1234"),
+            ("'localhost:5'", "http://localhost:5"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(ollama_host_url(input).as_deref(), Ok(want), "OLLAMA_HOST={input:?}");
+        }
+        assert!(ollama_host_url("ftp://x").is_err());
+        assert!(ollama_host_url("host:notaport").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        for ok in ["30m", "1h30m", "-1", "10s", "500ms", "0", "1.5h", "-1m"] {
+            assert!(valid_go_duration(ok), "{ok}");
+        }
+        for bad in ["", "forever", "30 minutes", "m", "5d"] {
+            assert!(!valid_go_duration(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn option_typos_are_caught() {
+        let mut m = Map::new();
+        m.insert("temprature".into(), Value::from(0.5));
+        let err = validate_options(&m).unwrap_err();
+        assert!(err.1.contains("temperature"), "{err:?}");
+        let mut m = Map::new();
+        m.insert("my_server_extension".into(), Value::from(1));
+        assert!(validate_options(&m).is_ok());
+        let mut m = Map::new();
+        m.insert("seed".into(), Value::from("x"));
+        assert!(validate_options(&m).is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! The output folder: dataset writers (one per format, behind one small trait), the failures file,
+//! the manifest, and the single writer thread through which every finished record passes, so
+//! lines never interleave and a slow disk never stalls the network side.
+//!
+//! Durability: every record is written whole in one `write` call and flushed at once, so a crash
+//! loses at most the line being written; files are fsynced every [`SYNC_INTERVAL`] and at close,
+//! so a power cut loses at most that many seconds of records.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::config::OutputFormat;
+use crate::record::{Failure, Record, CSV_COLUMNS};
+
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("cannot create output folder {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot open {path} for writing: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+}
+
+/// The files of one output folder.
+#[derive(Debug, Clone)]
+pub struct OutputPaths {
+    pub dir: PathBuf,
+    pub jsonl: PathBuf,
+    pub csv: PathBuf,
+    pub failures: PathBuf,
+    pub manifest: PathBuf,
+    pub log: PathBuf,
+}
+
+impl OutputPaths {
+    pub fn new(dir: &Path) -> OutputPaths {
+        OutputPaths {
+            dir: dir.to_owned(),
+            jsonl: dir.join("dataset.jsonl"),
+            csv: dir.join("dataset.csv"),
+            failures: dir.join("failures.jsonl"),
+            manifest: dir.join("manifest.json"),
+            log: dir.join("run.log"),
+        }
+    }
+
+    pub fn create_dir(&self) -> Result<(), DatasetError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| DatasetError::CreateDir { path: self.dir.clone(), source })
+    }
+}
+
+/// One dataset format.
+pub trait RecordSink: Send {
+    fn write(&mut self, record: &Record) -> io::Result<()>;
+    fn sync(&mut self) -> io::Result<()>;
+    fn path(&self) -> &Path;
+}
+
+fn open_append(path: &Path) -> Result<(File, bool), DatasetError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| DatasetError::Open { path: path.to_owned(), source })?;
+    let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+    Ok((file, empty))
+}
+
+/// Appends JSON lines, each in a single write, flushed at once.
+pub struct JsonlFile {
+    file: File,
+    path: PathBuf,
+    buf: Vec<u8>,
+}
+
+impl JsonlFile {
+    pub fn open(path: &Path) -> Result<JsonlFile, DatasetError> {
+        let (file, _) = open_append(path)?;
+        Ok(JsonlFile { file, path: path.to_owned(), buf: Vec::with_capacity(4096) })
+    }
+
+    pub fn append<T: serde::Serialize>(&mut self, value: &T) -> io::Result<()> {
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, value)?;
+        self.buf.push(b'\n');
+        self.file.write_all(&self.buf)
+    }
+}
+
+impl RecordSink for JsonlFile {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        self.append(record)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// RFC 4180 CSV with a header row, written by the `csv` crate so commas, quotes and newlines in
+/// responses survive.
+pub struct CsvFile {
+    writer: csv::Writer<BufWriter<File>>,
+    path: PathBuf,
+}
+
+impl CsvFile {
+    pub fn open(path: &Path) -> Result<CsvFile, DatasetError> {
+        let (file, empty) = open_append(path)?;
+        let mut writer = csv::WriterBuilder::new().has_headers(false).from_writer(BufWriter::new(file));
+        if empty {
+            writer
+                .write_record(CSV_COLUMNS)
+                .and_then(|_| writer.flush().map_err(csv::Error::from))
+                .map_err(|e| DatasetError::Write { path: path.to_owned(), source: io::Error::other(e) })?;
+        }
+        Ok(CsvFile { writer, path: path.to_owned() })
+    }
+}
+
+impl RecordSink for CsvFile {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        self.writer.write_record(record.csv_row()).map_err(io::Error::other)?;
+        self.writer.flush()
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.writer.flush()?;
+        self.writer.get_ref().get_ref().sync_data()
+    }
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Every open output file of a run.
+pub struct Dataset {
+    sinks: Vec<Box<dyn RecordSink>>,
+    failures: JsonlFile,
+    last_sync: Instant,
+    dirty: bool,
+}
+
+impl Dataset {
+    /// Opens (creating or appending to) every configured format and the failures file, so that a
+    /// bad path fails before the first request.
+    pub fn open(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Dataset, DatasetError> {
+        paths.create_dir()?;
+        let mut sinks: Vec<Box<dyn RecordSink>> = Vec::new();
+        for f in formats {
+            sinks.push(match f {
+                OutputFormat::Jsonl => Box::new(JsonlFile::open(&paths.jsonl)?),
+                OutputFormat::Csv => Box::new(CsvFile::open(&paths.csv)?),
+            });
+        }
+        let failures = JsonlFile::open(&paths.failures)?;
+        Ok(Dataset { sinks, failures, last_sync: Instant::now(), dirty: false })
+    }
+
+    pub fn write_record(&mut self, record: &Record) -> Result<(), DatasetError> {
+        for s in &mut self.sinks {
+            s.write(record).map_err(|source| DatasetError::Write { path: s.path().to_owned(), source })?;
+        }
+        self.written()
+    }
+
+    pub fn write_failure(&mut self, failure: &Failure) -> Result<(), DatasetError> {
+        let path = self.failures.path.clone();
+        self.failures.append(failure).map_err(|source| DatasetError::Write { path, source })?;
+        self.written()
+    }
+
+    fn written(&mut self) -> Result<(), DatasetError> {
+        self.dirty = true;
+        if self.last_sync.elapsed() >= SYNC_INTERVAL {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// fsync every file written since the last sync.
+    pub fn sync(&mut self) -> Result<(), DatasetError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        for s in &mut self.sinks {
+            s.sync().map_err(|source| DatasetError::Write { path: s.path().to_owned(), source })?;
+        }
+        let path = self.failures.path.clone();
+        self.failures.sync().map_err(|source| DatasetError::Write { path, source })?;
+        self.last_sync = Instant::now();
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// What the writer thread is asked to write.
+pub enum WriteItem {
+    Record(Box<Record>),
+    Failure(Box<Failure>),
+}
+
+/// The one writer: a thread that owns the dataset files. Sends fail once it has stopped on an
+/// error; `finish` returns that error.
+pub struct Writer {
+    tx: Option<mpsc::Sender<WriteItem>>,
+    handle: Option<std::thread::JoinHandle<Result<(), DatasetError>>>,
+}
+
+impl Writer {
+    pub fn spawn(mut dataset: Dataset) -> Writer {
+        let (tx, rx) = mpsc::channel::<WriteItem>();
+        let handle = std::thread::Builder::new()
+            .name("dataset-writer".into())
+            .spawn(move || {
+                loop {
+                    match rx.recv_timeout(SYNC_INTERVAL) {
+                        Ok(WriteItem::Record(r)) => dataset.write_record(&r)?,
+                        Ok(WriteItem::Failure(f)) => dataset.write_failure(&f)?,
+                        Err(mpsc::RecvTimeoutError::Timeout) => dataset.sync()?,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                dataset.sync()
+            })
+            .ok();
+        Writer { tx: Some(tx), handle }
+    }
+
+    /// False when the writer has stopped (on a write error): stop producing.
+    pub fn send(&self, item: WriteItem) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.send(item).is_ok()) && self.handle.is_some()
+    }
+
+    /// Closes the channel, waits for every queued item to be written and synced.
+    pub fn finish(mut self) -> Result<(), DatasetError> {
+        self.tx.take();
+        match self.handle.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(DatasetError::Write { path: PathBuf::from("dataset"), source: io::Error::other("writer thread panicked") })
+            }),
+            None => Err(DatasetError::Write { path: PathBuf::from("dataset"), source: io::Error::other("cannot start the writer thread") }),
+        }
+    }
+}
+
+/// Replaces a file's contents atomically: temp file, fsync, rename, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

@@ -1,0 +1,303 @@
+//! Prompt rows: JSONL (one object a line), CSV (header row) or TXT (one prompt a line, as the
+//! field `prompt`), read as a stream so that a million-row batch costs no more memory than one row.
+//! Every error names the file and the line.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputFormat {
+    Jsonl,
+    Csv,
+    Txt,
+}
+
+impl InputFormat {
+    pub fn from_path(p: &Path) -> Option<InputFormat> {
+        match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "jsonl" | "ndjson" => Some(InputFormat::Jsonl),
+            "csv" => Some(InputFormat::Csv),
+            "txt" => Some(InputFormat::Txt),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error("cannot open input {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Line { path: PathBuf, line: u64, message: String },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// One prompt row: its id, where it is, and its fields (the template's variables).
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: String,
+    /// 1-based line of the file where the row starts.
+    pub line: u64,
+    pub fields: Map<String, Value>,
+}
+
+/// Streams the rows of an input file.
+pub struct RowReader {
+    path: PathBuf,
+    id_field: Option<String>,
+    inner: Inner,
+}
+
+enum Inner {
+    Lines { reader: BufReader<File>, line: u64, format: InputFormat, buf: Vec<u8> },
+    Csv { reader: csv::Reader<File>, headers: Vec<String>, record: csv::StringRecord },
+}
+
+impl RowReader {
+    pub fn open(path: &Path, format: InputFormat, id_field: Option<&str>) -> Result<RowReader, InputError> {
+        let open_err = |source| InputError::Open { path: path.to_owned(), source };
+        let file = File::open(path).map_err(open_err)?;
+        let inner = match format {
+            InputFormat::Jsonl | InputFormat::Txt => {
+                Inner::Lines { reader: BufReader::new(file), line: 0, format, buf: Vec::new() }
+            }
+            InputFormat::Csv => {
+                let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(file);
+                let headers = reader.headers().map_err(|e| InputError::Line {
+                    path: path.to_owned(),
+                    line: 1,
+                    message: format!("cannot read the CSV header row: {e}"),
+                })?;
+                let headers: Vec<String> =
+                    headers.iter().enumerate().map(|(i, h)| if i == 0 { strip_bom(h) } else { h }.to_owned()).collect();
+                let mut seen = HashMap::new();
+                for (i, h) in headers.iter().enumerate() {
+                    if h.is_empty() {
+                        return Err(InputError::Line {
+                            path: path.to_owned(),
+                            line: 1,
+                            message: format!("column {} of the header row has no name", i + 1),
+                        });
+                    }
+                    if seen.insert(h.clone(), i).is_some() {
+                        return Err(InputError::Line {
+                            path: path.to_owned(),
+                            line: 1,
+                            message: format!("the header row names column {h:?} twice"),
+                        });
+                    }
+                }
+                Inner::Csv { reader, headers, record: csv::StringRecord::new() }
+            }
+        };
+        Ok(RowReader { path: path.to_owned(), id_field: id_field.map(str::to_owned), inner })
+    }
+
+    fn err(&self, line: u64, message: impl Into<String>) -> InputError {
+        InputError::Line { path: self.path.clone(), line, message: message.into() }
+    }
+
+    fn next_row(&mut self) -> Option<Result<Row, InputError>> {
+        let (line, fields) = match &mut self.inner {
+            Inner::Lines { reader, line, format, buf } => loop {
+                buf.clear();
+                match reader.read_until(b'\n', buf) {
+                    Ok(0) => return None,
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Some(Err(InputError::File { path: self.path.clone(), message: format!("read error: {e}") }))
+                    }
+                }
+                *line += 1;
+                let n = *line;
+                let mut bytes: &[u8] = buf;
+                if n == 1 {
+                    bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+                }
+                let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+                let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+                if bytes.iter().all(u8::is_ascii_whitespace) {
+                    continue; // blank lines separate nothing and carry no prompt
+                }
+                let fmt = *format;
+                let text = match std::str::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(e) => return Some(Err(self.err(n, format!("not valid UTF-8 (byte {})", e.valid_up_to())))),
+                };
+                match fmt {
+                    InputFormat::Txt => {
+                        let mut m = Map::new();
+                        m.insert("prompt".into(), Value::String(text.to_owned()));
+                        break (n, m);
+                    }
+                    _ => match serde_json::from_str::<Value>(text) {
+                        Ok(Value::Object(m)) => break (n, m),
+                        Ok(other) => {
+                            return Some(Err(self.err(n, format!("expected a JSON object, found {}", json_kind(&other)))))
+                        }
+                        Err(e) => return Some(Err(self.err(n, format!("malformed JSON: {e}")))),
+                    },
+                }
+            },
+            Inner::Csv { reader, headers, record } => {
+                match reader.read_record(record) {
+                    Ok(false) => return None,
+                    Ok(true) => {}
+                    Err(e) => {
+                        let line = e.position().map(|p| p.line()).unwrap_or(0);
+                        let message = match e.kind() {
+                            csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                                format!("has {len} fields but the header row has {expected_len}")
+                            }
+                            csv::ErrorKind::Utf8 { .. } => "not valid UTF-8".to_owned(),
+                            _ => format!("malformed CSV: {e}"),
+                        };
+                        return Some(Err(self.err(line, message)));
+                    }
+                }
+                let line = record.position().map(|p| p.line()).unwrap_or(0);
+                let m = headers
+                    .iter()
+                    .zip(record.iter())
+                    .map(|(h, v)| (h.clone(), Value::String(v.to_owned())))
+                    .collect();
+                (line, m)
+            }
+        };
+        let id = match &self.id_field {
+            None => line.to_string(),
+            Some(f) => match fields.get(f) {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) => n.to_string(),
+                Some(Value::String(_)) => return Some(Err(self.err(line, format!("the id field `{f}` is empty")))),
+                Some(other) => {
+                    return Some(Err(self.err(
+                        line,
+                        format!("the id field `{f}` must be a string or a number, found {}", json_kind(other)),
+                    )))
+                }
+                None => return Some(Err(self.err(line, format!("the row has no id field `{f}` (input.id_field)")))),
+            },
+        };
+        Some(Ok(Row { id, line, fields }))
+    }
+}
+
+impl Iterator for RowReader {
+    type Item = Result<Row, InputError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_row()
+    }
+}
+
+fn strip_bom(s: &str) -> &str {
+    s.strip_prefix('\u{feff}').unwrap_or(s)
+}
+
+pub fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Remembers the ids seen so far, to reject a duplicate with both its lines.
+#[derive(Default)]
+pub struct IdSet {
+    seen: HashMap<String, u64>,
+}
+
+impl IdSet {
+    /// Err with the first line that used the id.
+    pub fn insert(&mut self, id: &str, line: u64) -> Result<(), u64> {
+        match self.seen.get(id) {
+            Some(first) => Err(*first),
+            None => {
+                self.seen.insert(id.to_owned(), line);
+                Ok(())
+            }
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(ext: &str, content: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();
+        f.write_all(content).unwrap();
+        f
+    }
+
+    #[test]
+    fn jsonl_rows_with_blank_lines_and_line_ids() {
+        let f = file(".jsonl", b"\xEF\xBB\xBF{\"q\":\"a\"}\n\n{\"q\":\"b\"}\r\n{\"q\":\"c\"}");
+        let rows: Vec<Row> = RowReader::open(f.path(), InputFormat::Jsonl, None).unwrap().map(Result::unwrap).collect();
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["1", "3", "4"]);
+        assert_eq!(rows[2].fields["q"], "c");
+    }
+
+    #[test]
+    fn jsonl_malformed_line_is_named() {
+        let f = file(".jsonl", b"{\"q\":1}\n{\"q\":\n");
+        let err = RowReader::open(f.path(), InputFormat::Jsonl, None).unwrap().nth(1).unwrap().unwrap_err();
+        assert!(err.to_string().contains(":2: malformed JSON"), "{err}");
+        let f = file(".jsonl", b"[1,2]\n");
+        let err = RowReader::open(f.path(), InputFormat::Jsonl, None).unwrap().next().unwrap().unwrap_err();
+        assert!(err.to_string().contains(":1: expected a JSON object, found an array"), "{err}");
+    }
+
+    #[test]
+    fn csv_multiline_fields_and_id_field() {
+        let f = file(".csv", b"id,question\nx1,\"two\nlines, \"\"quoted\"\"\"\nx2,plain\n");
+        let rows: Vec<Row> =
+            RowReader::open(f.path(), InputFormat::Csv, Some("id")).unwrap().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].id, "x1");
+        assert_eq!(rows[0].fields["question"], "two\nlines, \"quoted\"");
+        assert_eq!(rows[1].line, 4);
+    }
+
+    #[test]
+    fn csv_ragged_row_is_named() {
+        let f = file(".csv", b"a,b\n1,2\n3\n");
+        let err = RowReader::open(f.path(), InputFormat::Csv, None).unwrap().nth(1).unwrap().unwrap_err();
+        assert!(err.to_string().contains(":3: has 1 fields but the header row has 2"), "{err}");
+    }
+
+    #[test]
+    fn txt_lines_are_prompts() {
+        let f = file(".txt", "héllo\n\n  world  \n".as_bytes());
+        let rows: Vec<Row> = RowReader::open(f.path(), InputFormat::Txt, None).unwrap().map(Result::unwrap).collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].fields["prompt"], "  world  ");
+        assert_eq!(rows[1].id, "3");
+    }
+
+    #[test]
+    fn missing_id_field() {
+        let f = file(".jsonl", b"{\"q\":1}\n");
+        let err = RowReader::open(f.path(), InputFormat::Jsonl, Some("id")).unwrap().next().unwrap().unwrap_err();
+        assert!(err.to_string().contains("no id field `id`"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! data_generator: turn prompt batches into training datasets by streaming completions from a
+//! local LLM server. The binary (`src/bin/data_generator`) is a thin layer over these modules,
+//! one per noun.
+
+pub mod backend;
+pub mod config;
+pub mod dataset;
+pub mod framing;
+pub mod input;
+pub mod progress;
+pub mod record;
+pub mod template;

@@ -1,0 +1,175 @@
+//! What the dataset holds: one `Record` per (row, sample) that finished, one `Failure` per
+//! (row, sample) that ran out of retries, and the stable numbers derived from a request
+//! (its per-sample seed and its key).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One finished response. Field order is the JSONL and CSV column order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: String,
+    /// 0-based sample index.
+    pub sample: u32,
+    pub model: String,
+    /// The system prompt sent, or null when none was.
+    pub system: Option<String>,
+    /// The rendered user prompt.
+    pub prompt: String,
+    /// The response text, byte-exact as the model produced it.
+    pub response: String,
+    /// Reasoning text kept apart from the response; null when the model produced none.
+    pub thinking: Option<String>,
+    /// `stop`, `length`, ...; null when the server did not say.
+    pub done_reason: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    /// Wall time of the successful attempt, request sent to last byte.
+    pub duration_ms: u64,
+    /// Attempts it took, 1 when the first one succeeded.
+    pub attempts: u32,
+    /// RFC 3339, UTC.
+    pub finished_at: String,
+    /// The sampling seed sent with this request; null when none was set.
+    pub seed: Option<i64>,
+    /// The server's generation time (Ollama's `eval_duration`), for tokens/s.
+    pub eval_duration_ms: Option<f64>,
+    /// Hash of what was asked (id, sample, model, prompts, options): see [`request_key`].
+    pub key: String,
+    /// The original input row.
+    pub input: Map<String, Value>,
+}
+
+/// The CSV columns: the record's scalar fields in the same order (`input` is JSONL only).
+pub const CSV_COLUMNS: &[&str] = &[
+    "id", "sample", "model", "system", "prompt", "response", "thinking", "done_reason", "prompt_tokens",
+    "completion_tokens", "duration_ms", "attempts", "finished_at", "seed", "eval_duration_ms", "key",
+];
+
+impl Record {
+    /// The CSV row, in [`CSV_COLUMNS`] order; absent values are empty cells.
+    pub fn csv_row(&self) -> [String; 16] {
+        fn opt<T: ToString>(v: &Option<T>) -> String {
+            v.as_ref().map(ToString::to_string).unwrap_or_default()
+        }
+        [
+            self.id.clone(),
+            self.sample.to_string(),
+            self.model.clone(),
+            opt(&self.system),
+            self.prompt.clone(),
+            self.response.clone(),
+            opt(&self.thinking),
+            opt(&self.done_reason),
+            opt(&self.prompt_tokens),
+            opt(&self.completion_tokens),
+            self.duration_ms.to_string(),
+            self.attempts.to_string(),
+            self.finished_at.clone(),
+            opt(&self.seed),
+            opt(&self.eval_duration_ms),
+            self.key.clone(),
+        ]
+    }
+}
+
+/// A (row, sample) that failed after all its attempts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub id: String,
+    pub sample: u32,
+    pub model: String,
+    pub error: String,
+    pub attempts: u32,
+    /// Whether another attempt could succeed (network, busy server) or not (bad request).
+    pub retryable: bool,
+    pub key: String,
+    /// RFC 3339, UTC.
+    pub when: String,
+}
+
+/// RFC 3339 timestamp with milliseconds, UTC.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// FNV-1a, 64 bits: stable across platforms, versions and runs (std's hasher is not).
+pub fn fnv1a64(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // A separator byte that cannot be confused with content boundaries.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The seed for one sample. With one sample per prompt it is the configured seed itself; with
+/// several, each (row id, sample) gets its own, derived stably, so samples differ yet a re-run
+/// repeats them. Kept below 2^31 so every backend takes it.
+pub fn derive_seed(seed: i64, samples_per_prompt: u32, id: &str, sample: u32) -> i64 {
+    if samples_per_prompt <= 1 {
+        return seed;
+    }
+    let h = fnv1a64(&[&seed.to_le_bytes(), id.as_bytes(), &sample.to_le_bytes()]);
+    (splitmix64(h) & 0x7fff_ffff) as i64
+}
+
+/// Stable hash of everything that shapes a response: a record whose key differs from the one the
+/// current config gives was made by another request (edited template, other model or options).
+pub fn request_key(id: &str, sample: u32, model: &str, api: &str, system: Option<&str>, prompt: &str, request_options: &Value) -> String {
+    // serde_json's map is ordered by key, so this text is canonical.
+    let canon = serde_json::json!({
+        "v": 1, "id": id, "sample": sample, "model": model, "api": api,
+        "system": system, "prompt": prompt, "options": request_options,
+    })
+    .to_string();
+    let a = fnv1a64(&[canon.as_bytes()]);
+    let b = splitmix64(fnv1a64(&[b"k2", canon.as_bytes()]));
+    format!("{a:016x}{b:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PINNED_SEED: i64 = 346_718_100;
+
+    #[test]
+    fn seeds_are_stable_and_distinct() {
+        assert_eq!(derive_seed(42, 1, "a", 0), 42);
+        let s: Vec<i64> = (0..4).map(|i| derive_seed(42, 4, "row-1", i)).collect();
+        assert_eq!(s, (0..4).map(|i| derive_seed(42, 4, "row-1", i)).collect::<Vec<_>>());
+        let mut d = s.clone();
+        d.dedup();
+        assert_eq!(d.len(), 4);
+        assert_ne!(derive_seed(42, 4, "row-1", 0), derive_seed(42, 4, "row-2", 0));
+        assert_ne!(derive_seed(42, 4, "row-1", 0), derive_seed(43, 4, "row-1", 0));
+        assert!(s.iter().all(|x| (0..1 << 31).contains(x)));
+        // Pinned: a change here would silently change every multi-sample dataset.
+        assert_eq!(derive_seed(42, 4, "row-1", 0), PINNED_SEED);
+    }
+
+    #[test]
+    fn keys_change_with_what_was_asked() {
+        let o = serde_json::json!({"temperature": 0.7});
+        let k = request_key("1", 0, "m", "chat", Some("s"), "p", &o);
+        assert_eq!(k.len(), 32);
+        assert_eq!(k, request_key("1", 0, "m", "chat", Some("s"), "p", &o));
+        assert_ne!(k, request_key("1", 0, "m", "chat", Some("s"), "p2", &o));
+        assert_ne!(k, request_key("1", 0, "m", "chat", None, "p", &o));
+        assert_ne!(k, request_key("1", 1, "m", "chat", Some("s"), "p", &o));
+        assert_ne!(k, request_key("1", 0, "m", "chat", Some("s"), "p", &serde_json::json!({"temperature": 0.8})));
+    }
+}

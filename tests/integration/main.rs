@@ -1,0 +1,8 @@
+//! Integration tests: the real `data_generator` binary against a fake Ollama on 127.0.0.1:0.
+
+#[path = "../support/fake_ollama.rs"]
+mod fake_ollama;
+mod util;
+
+mod errors;
+mod pipeline;

@@ -1,0 +1,432 @@
+//! A fake Ollama server that misbehaves like real networks do. It speaks just enough HTTP/1.1
+//! (one request per connection, chunked replies) to serve `/api/version`, `/api/show`,
+//! `/api/chat` and `/api/generate`, and cuts every reply into random small writes so that lines
+//! and multi-byte characters straddle reads and several lines share one read.
+//!
+//! What a reply does is steered by directives in the user prompt, `[[name]]` (every attempt) or
+//! `[[namexN]]` (the first N attempts of that prompt, then normal):
+//! `503`, `500`, `400`, `429` (with `retry-after: 0`), `error` (an error line mid-stream),
+//! `truncate` (ends without `done`), `drop` (connection closed mid-chunk), `stall` (goes silent),
+//! `think` (thinking text first), `length` (`done_reason: length`), `slow` (a pause per token).
+//!
+//! Shared by the integration tests and `examples/fake_ollama.rs`.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The text the fake answers to a prompt: deterministic, with accents, CJK, emoji, quotes,
+/// commas, newlines, CR and trailing spaces, so any mangling shows.
+pub fn expected_response(prompt: &str) -> String {
+    let h = prompt.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    format!(
+        "Réponse n°{h} à «{prompt}»: 日本語のテキスト, emoji 🎉🚀👩‍🔬, \"quoted\", a,b;c\nsecond line\r\n\ttabbed  \nlast line with trailing spaces   "
+    )
+}
+
+pub const THINKING: &str = "Let me think… 🤔 step one, step two.";
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Models `/api/show` knows.
+    pub models: Vec<String>,
+    /// Pause between tokens (applies to every reply).
+    pub token_delay: Duration,
+    /// Pause per token for prompts with `[[slow]]`.
+    pub slow_delay: Duration,
+    /// How long `stall` stays silent.
+    pub stall: Duration,
+    /// Seed of the piece sizes.
+    pub seed: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            models: vec!["fake-model:latest".into(), "fake-model".into()],
+            token_delay: Duration::ZERO,
+            slow_delay: Duration::from_millis(50),
+            stall: Duration::from_secs(30),
+            seed: 1,
+        }
+    }
+}
+
+/// One request the fake saw.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+    /// The user prompt (chat: last message; generate: `prompt`).
+    pub prompt: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    attempts: HashMap<String, u32>,
+    seen: Vec<SeenRequest>,
+}
+
+pub struct FakeOllama {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeOllama {
+    /// Starts on 127.0.0.1 with a free port, in a thread of its own.
+    pub fn start(opts: Options) -> FakeOllama {
+        Self::start_on("127.0.0.1:0", opts)
+    }
+
+    pub fn start_on(bind: &str, opts: Options) -> FakeOllama {
+        let std_listener = std::net::TcpListener::bind(bind).expect("bind fake server");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local addr");
+        let state = Arc::new(Mutex::new(State::default()));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(std_listener).expect("listener");
+                let opts = Arc::new(opts);
+                let mut conn_no = 0u64;
+                let serve = async {
+                    loop {
+                        let Ok((sock, _)) = listener.accept().await else { continue };
+                        conn_no += 1;
+                        let (st, opts) = (st.clone(), opts.clone());
+                        let seed = opts.seed.wrapping_mul(6364136223846793005).wrapping_add(conn_no);
+                        tokio::spawn(async move {
+                            let _ = handle(sock, st, opts, seed).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = rx => {}
+                }
+            });
+            rt.shutdown_timeout(Duration::from_millis(100));
+        });
+        FakeOllama { addr, state, shutdown: Some(tx), thread: Some(thread) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request seen so far.
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.state.lock().map(|s| s.seen.clone()).unwrap_or_default()
+    }
+
+    /// Generation requests seen (chat and generate).
+    pub fn generations(&self) -> Vec<SeenRequest> {
+        self.seen().into_iter().filter(|r| r.path == "/api/chat" || r.path == "/api/generate").collect()
+    }
+}
+
+impl Drop for FakeOllama {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Small, fast, seeded randomness for piece sizes.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let mut lines = head.lines();
+    let first = lines.next().unwrap_or_default();
+    let mut parts = first.split_whitespace();
+    let method = parts.next().unwrap_or_default().to_owned();
+    let path = parts.next().unwrap_or_default().to_owned();
+    let len = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = buf[header_end..].to_vec();
+    while body.len() < len {
+        let n = sock.read(&mut tmp).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&tmp[..n]);
+    }
+    Ok(Some((method, path, body)))
+}
+
+async fn respond_json(sock: &mut TcpStream, status: u16, extra: &str, body: &Value) -> std::io::Result<()> {
+    let body = body.to_string();
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+/// Directive `name` in the prompt: Some(true) when it applies to this attempt.
+fn directive(prompt: &str, name: &str, attempt: u32) -> bool {
+    let always = format!("[[{name}]]");
+    if prompt.contains(&always) {
+        return true;
+    }
+    let prefix = format!("[[{name}x");
+    if let Some(i) = prompt.find(&prefix) {
+        let rest = &prompt[i + prefix.len()..];
+        if let Some(end) = rest.find("]]") {
+            if let Ok(n) = rest[..end].parse::<u32>() {
+                return attempt <= n;
+            }
+        }
+    }
+    false
+}
+
+fn user_prompt(path: &str, body: &Value) -> Option<String> {
+    if path == "/api/generate" {
+        return body.get("prompt")?.as_str().map(str::to_owned);
+    }
+    let msgs = body.get("messages")?.as_array()?;
+    msgs.iter().rev().find(|m| m["role"] == "user")?.get("content")?.as_str().map(str::to_owned)
+}
+
+/// Splits text into 1-3 character tokens (whole characters: JSON carries text, not bytes).
+fn tokens(text: &str, rng: &mut Rng) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let n = 1 + rng.below(3) as usize;
+        let end = (i + n).min(chars.len());
+        out.push(chars[i..end].iter().collect());
+        i = end;
+    }
+    out
+}
+
+async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options>, seed: u64) -> std::io::Result<()> {
+    sock.set_nodelay(true)?;
+    let Some((method, path, body)) = read_request(&mut sock).await? else { return Ok(()) };
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let prompt = user_prompt(&path, &body);
+    let attempt = {
+        let mut st = state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+        st.seen.push(SeenRequest { method: method.clone(), path: path.clone(), body: body.clone(), prompt: prompt.clone() });
+        match &prompt {
+            Some(p) if path == "/api/chat" || path == "/api/generate" => {
+                let a = st.attempts.entry(p.clone()).or_insert(0);
+                *a += 1;
+                *a
+            }
+            _ => 0,
+        }
+    };
+    let model = body.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/") => respond_json(&mut sock, 200, "", &json!("Ollama is running")).await,
+        ("GET", "/api/version") => respond_json(&mut sock, 200, "", &json!({"version": "0.12.6-fake"})).await,
+        ("POST", "/api/show") => {
+            if opts.models.contains(&model) {
+                respond_json(&mut sock, 200, "", &json!({"capabilities": ["completion", "thinking"], "details": {"family": "fake"}})).await
+            } else {
+                respond_json(&mut sock, 404, "", &json!({"error": format!("model '{model}' not found")})).await
+            }
+        }
+        ("POST", "/api/chat") | ("POST", "/api/generate") => {
+            if !opts.models.contains(&model) {
+                return respond_json(&mut sock, 404, "", &json!({"error": format!("model \"{model}\" not found, try pulling it first")})).await;
+            }
+            let p = prompt.unwrap_or_default();
+            for (name, status, msg) in [
+                ("503", 503, "server busy, please try again.  maximum pending requests exceeded"),
+                ("500", 500, "llama runner process has terminated: exit status 2"),
+                ("400", 400, "invalid options: bad request"),
+                ("429", 429, "rate limited"),
+            ] {
+                if directive(&p, name, attempt) {
+                    let extra = if status == 429 { "Retry-After: 0\r\n" } else { "" };
+                    return respond_json(&mut sock, status, extra, &json!({ "error": msg })).await;
+                }
+            }
+            stream_reply(&mut sock, &path, &model, &p, attempt, &opts, seed).await
+        }
+        _ => respond_json(&mut sock, 404, "", &json!({"error": "404 page not found"})).await,
+    }
+}
+
+async fn stream_reply(
+    sock: &mut TcpStream,
+    path: &str,
+    model: &str,
+    prompt: &str,
+    attempt: u32,
+    opts: &Options,
+    seed: u64,
+) -> std::io::Result<()> {
+    let mut rng = Rng(seed | 1);
+    let generate = path == "/api/generate";
+    let text = expected_response(prompt);
+    let line = |content: &str, thinking: Option<&str>| -> Value {
+        if generate {
+            let mut v = json!({"model": model, "created_at": "2025-10-26T17:15:24.09Z", "response": content, "done": false});
+            if let Some(t) = thinking {
+                v["thinking"] = json!(t);
+            }
+            v
+        } else {
+            let mut m = json!({"role": "assistant", "content": content});
+            if let Some(t) = thinking {
+                m["thinking"] = json!(t);
+            }
+            json!({"model": model, "created_at": "2025-10-26T17:15:24.09Z", "message": m, "done": false})
+        }
+    };
+    let mut lines: Vec<Value> = Vec::new();
+    if directive(prompt, "think", attempt) {
+        for t in tokens(THINKING, &mut rng) {
+            lines.push(line("", Some(&t)));
+        }
+    }
+    let toks = tokens(&text, &mut rng);
+    let n_tokens = toks.len();
+    for t in toks {
+        lines.push(line(&t, None));
+    }
+    let length = directive(prompt, "length", attempt);
+    let mut last = line("", None);
+    last["done"] = json!(true);
+    last["done_reason"] = json!(if length { "length" } else { "stop" });
+    last["total_duration"] = json!(4_883_583_458u64);
+    last["load_duration"] = json!(1_334_875u64);
+    last["prompt_eval_count"] = json!(prompt.chars().count());
+    last["prompt_eval_duration"] = json!(342_546_000u64);
+    last["eval_count"] = json!(n_tokens);
+    last["eval_duration"] = json!(4_535_599_000u64);
+    if generate {
+        last["context"] = json!((0..2000).collect::<Vec<u32>>());
+    }
+
+    let fail_error = directive(prompt, "error", attempt);
+    let fail_truncate = directive(prompt, "truncate", attempt);
+    let fail_drop = directive(prompt, "drop", attempt);
+    let fail_stall = directive(prompt, "stall", attempt);
+    let slow = directive(prompt, "slow", attempt);
+    let cut = lines.len() / 2;
+
+    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut pending: Vec<u8> = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+            if fail_error {
+                send_chunk(sock, b"{\"error\":\"an error was encountered while running the model: unexpected EOF\"}\n").await?;
+                return finish_chunked(sock).await;
+            }
+            if fail_truncate {
+                return finish_chunked(sock).await;
+            }
+            if fail_drop {
+                // A chunk announced longer than what is sent, then the socket closes.
+                sock.write_all(b"40\r\n{\"model\":\"").await?;
+                sock.flush().await?;
+                return Ok(());
+            }
+            tokio::time::sleep(opts.stall).await;
+            return Ok(());
+        }
+        pending.extend_from_slice(l.to_string().as_bytes());
+        pending.push(b'\n');
+        // Several lines often go out in one write; sometimes a line is cut into many.
+        if rng.below(3) == 0 {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+        }
+        let delay = if slow { opts.slow_delay } else { opts.token_delay };
+        if !delay.is_zero() {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+            tokio::time::sleep(delay).await;
+        }
+    }
+    pending.extend_from_slice(last.to_string().as_bytes());
+    pending.push(b'\n');
+    flush_pieces(sock, &mut pending, &mut rng).await?;
+    finish_chunked(sock).await
+}
+
+/// Writes the pending bytes as several HTTP chunks of random small sizes, each flushed.
+async fn flush_pieces(sock: &mut TcpStream, pending: &mut Vec<u8>, rng: &mut Rng) -> std::io::Result<()> {
+    let mut rest: &[u8] = pending;
+    while !rest.is_empty() {
+        let n = if rng.below(4) == 0 { 1 + rng.below(200) } else { 1 + rng.below(7) } as usize;
+        let n = n.min(rest.len());
+        send_chunk(sock, &rest[..n]).await?;
+        rest = &rest[n..];
+    }
+    pending.clear();
+    Ok(())
+}
+
+async fn send_chunk(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    sock.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await?;
+    sock.write_all(data).await?;
+    sock.write_all(b"\r\n").await?;
+    sock.flush().await
+}
+
+async fn finish_chunked(sock: &mut TcpStream) -> std::io::Result<()> {
+    sock.write_all(b"0\r\n\r\n").await?;
+    sock.flush().await?;
+    sock.shutdown().await
+}
