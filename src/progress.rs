@@ -168,6 +168,11 @@ impl Default for ProgressView {
 /// `TAIL_CHARS` characters are kept.
 fn push_tail(tail: &mut String, text: &str) {
     for c in text.chars() {
+        // Joiners and variation selectors render differently from one terminal to the next, and a
+        // line that comes out wider than measured tears the display: the glimpse goes without them.
+        if matches!(c, '\u{200b}'..='\u{200f}' | '\u{fe00}'..='\u{fe0f}') {
+            continue;
+        }
         let c = if c.is_whitespace() || c.is_control() { ' ' } else { c };
         if c == ' ' && (tail.is_empty() || tail.ends_with(' ')) {
             continue;
@@ -179,6 +184,21 @@ fn push_tail(tail: &mut String, text: &str) {
         let cut: usize = tail.char_indices().nth(n - TAIL_CHARS).map(|(i, _)| i).unwrap_or(0);
         tail.drain(..cut);
     }
+}
+
+/// The longest end of `s` that fits in `cols` terminal columns (wide characters count twice).
+pub fn fit_end(s: &str, cols: usize) -> &str {
+    let mut used = 0;
+    let mut start = s.len();
+    for (i, c) in s.char_indices().rev() {
+        let w = console::measure_text_width(&s[i..i + c.len_utf8()]);
+        if used + w > cols {
+            break;
+        }
+        used += w;
+        start = i;
+    }
+    &s[start..]
 }
 
 /// `1h02m03s`, `4m05s`, `6s`.
@@ -277,7 +297,7 @@ impl Bars {
         } else {
             "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {wide_msg}"
         };
-        let line_tpl = if color { "  {prefix:.bold.dim} {wide_msg}" } else { "  {prefix} {wide_msg}" };
+        let line_tpl = if color { "  {prefix:.bold.dim} {msg}" } else { "  {prefix} {msg}" };
         let overall = multi.add(ProgressBar::new(0));
         overall.set_style(
             ProgressStyle::with_template(overall_tpl).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
@@ -311,6 +331,7 @@ impl Bars {
     }
 
     fn redraw(&mut self, view: &ProgressView) {
+        let cols = usize::from(console::Term::stderr().size().1).max(20);
         let eta = view.eta().map(format_duration).unwrap_or_else(|| "?".into());
         let mut msg = format!(
             "failed {} · {:.2} rows/s · {:.1} tok/s · ETA {}",
@@ -333,13 +354,16 @@ impl Bars {
                 if f.thinking {
                     m.push_str("thinking: ");
                 }
+                // The newest text is what shows the request is alive: keep the end of the tail.
+                let room = cols.saturating_sub(6 + console::measure_text_width(&f.label) + console::measure_text_width(&m));
                 if f.tail.is_empty() {
-                    match &f.last_error {
-                        Some(e) if f.attempt > 1 => m.push_str(&format!("retrying after: {e}")),
-                        _ => m.push_str("waiting for the first token…"),
-                    }
+                    let note = match &f.last_error {
+                        Some(e) if f.attempt > 1 => format!("retrying after: {e}"),
+                        _ => "waiting for the first token…".to_owned(),
+                    };
+                    m.push_str(&console::truncate_str(&note, room, "…"));
                 } else {
-                    m.push_str(&f.tail);
+                    m.push_str(fit_end(&f.tail, room));
                 }
                 bar.set_message(m);
             }
@@ -380,6 +404,14 @@ mod tests {
             push_tail(&mut t, "日本🎉 ");
         }
         assert!(t.chars().count() <= TAIL_CHARS * 2);
+    }
+
+    #[test]
+    fn fit_end_keeps_the_newest_text() {
+        assert_eq!(fit_end("hello world", 5), "world");
+        assert_eq!(fit_end("日本語", 4), "本語");
+        assert_eq!(fit_end("abc", 10), "abc");
+        assert_eq!(fit_end("abc", 0), "");
     }
 
     #[test]
