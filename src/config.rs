@@ -115,6 +115,9 @@ pub struct RunSettings {
     pub retry_base_delay_ms: u64,
     /// Only the first N rows.
     pub limit: Option<u64>,
+    /// After Ctrl-C (or SIGTERM), how long requests in flight may take to finish before they are
+    /// abandoned.
+    pub stop_grace_secs: f64,
 }
 
 impl Default for RunSettings {
@@ -127,6 +130,7 @@ impl Default for RunSettings {
             idle_timeout_secs: 120.0,
             retry_base_delay_ms: 500,
             limit: None,
+            stop_grace_secs: 30.0,
         }
     }
 }
@@ -298,6 +302,9 @@ fn resolve(path: &Path, raw: RunConfig, env_host: Option<&str>) -> Result<Config
         if !(v.is_finite() && v > 0.0) {
             return Err(invalid(key, format!("{v} must be a positive number of seconds")));
         }
+    }
+    if !(r.stop_grace_secs.is_finite() && r.stop_grace_secs >= 0.0) {
+        return Err(invalid("run.stop_grace_secs", format!("{} must be zero or a positive number of seconds", r.stop_grace_secs)));
     }
     if r.limit == Some(0) {
         return Err(invalid("run.limit", "must be at least 1 (leave it out for all rows)".into()));

@@ -267,3 +267,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Moves a folder aside to `<dir>.old-<n>` (the first free n) so a fresh run can start without
+/// deleting anything. None when there was nothing to move.
+pub fn move_aside(dir: &Path) -> io::Result<Option<PathBuf>> {
+    match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+        Ok(mut entries) => {
+            if entries.next().is_none() {
+                return Ok(None);
+            }
+        }
+    }
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    for n in 1.. {
+        let to = dir.with_file_name(format!("{name}.old-{n}"));
+        if !to.exists() {
+            std::fs::rename(dir, &to)?;
+            return Ok(Some(to));
+        }
+    }
+    unreachable!("an unbounded range always yields")
+}

@@ -7,6 +7,8 @@ pub mod config;
 pub mod dataset;
 pub mod framing;
 pub mod input;
+pub mod manifest;
 pub mod progress;
 pub mod record;
+pub mod resume;
 pub mod template;

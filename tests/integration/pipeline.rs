@@ -95,12 +95,13 @@ fn chat_run_writes_byte_exact_jsonl_and_csv() {
     assert_eq!(&paths[..2], ["/api/version", "/api/show"], "server and model checked first");
 
     let manifest: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest json");
-    assert_eq!(manifest["status"], "completed");
+    assert_eq!(manifest["runs"][0]["status"], "completed");
     assert_eq!(manifest["counts"]["done"], 8);
     assert_eq!(manifest["counts"]["failed"], 0);
     assert_eq!(manifest["config"]["backend"]["model"], "fake-model");
     assert_eq!(manifest["server"]["version"], "0.12.6-fake");
-    assert!(manifest["ended_at"].is_string());
+    assert!(manifest["runs"][0]["ended_at"].is_string());
+    assert_eq!(manifest["counts"]["remaining"], 0);
     assert!(dir.read("out/run.log").contains("run finished"));
     assert_eq!(dir.read("out/failures.jsonl"), "");
 }
@@ -196,7 +197,7 @@ fn rows_that_keep_failing_go_to_failures_and_exit_3() {
         assert!(f["when"].is_string());
     }
     let manifest: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
-    assert_eq!(manifest["status"], "completed_with_failures");
+    assert_eq!(manifest["runs"][0]["status"], "completed_with_failures");
     assert_eq!(manifest["counts"]["failed"], 3);
 }
 

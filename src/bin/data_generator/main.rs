@@ -6,8 +6,10 @@ mod pipeline;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use data_generator::config::{self, Overrides};
+use data_generator::dataset;
 use data_generator::progress::DisplayMode;
 
 /// Turn a batch of prompts into a training dataset by streaming completions from a local LLM server.
@@ -35,11 +37,21 @@ struct Cli {
     /// Progress display: bars on a terminal, plain lines otherwise (auto), or forced.
     #[arg(long, value_enum, default_value_t = DisplayMode::Auto)]
     progress: DisplayMode,
+    /// Start over: move the output folder aside to <dir>.old-N first (nothing is deleted).
+    #[arg(long)]
+    fresh: bool,
+    /// Do not retry the requests that failed in earlier runs (in failures.jsonl).
+    #[arg(long)]
+    no_retry_failed: bool,
+    /// Run again the requests whose record was cut off by num_predict (done_reason "length").
+    #[arg(long)]
+    redo_truncated: bool,
 }
 
 /// Exit codes of the design brief.
 const EXIT_FATAL: u8 = 1;
 const EXIT_SOME_FAILED: u8 = 3;
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -62,7 +74,25 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     };
     let host = std::env::var("OLLAMA_HOST").ok();
     let cfg = config::load(&cli.config, &overrides, host.as_deref())?;
+    if cli.fresh {
+        let moved = dataset::move_aside(&cfg.output_dir)
+            .with_context(|| format!("--fresh: cannot move {} aside", cfg.output_dir.display()))?;
+        if let Some(to) = moved {
+            eprintln!("--fresh: moved the old {} to {}", cfg.output_dir.display(), to.display());
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let outcome = runtime.block_on(pipeline::run(cfg, pipeline::RunOptions { display: cli.progress }))?;
-    Ok(if outcome.failed > 0 { EXIT_SOME_FAILED } else { 0 })
+    let opts = pipeline::RunOptions {
+        display: cli.progress,
+        retry_failed: !cli.no_retry_failed,
+        redo_truncated: cli.redo_truncated,
+    };
+    let outcome = runtime.block_on(pipeline::run(cfg, opts))?;
+    Ok(if outcome.interrupted {
+        EXIT_INTERRUPTED
+    } else if outcome.failed > 0 {
+        EXIT_SOME_FAILED
+    } else {
+        0
+    })
 }

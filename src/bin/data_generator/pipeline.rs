@@ -1,38 +1,47 @@
 //! The stages of a run: rows -> prompt -> get_student_response -> dataset.
 //!
-//! Before the first request everything that can be checked is: the whole input is read once
-//! (ids unique, every row renders), the output files are opened, the server and model answer.
+//! Before the first request everything that can be checked is: the output folder is repaired
+//! and read back (what is already done), the whole input is read once (ids unique, every row
+//! renders, each request's key known), the output files are opened, the server and model answer.
 //! Then a reader thread streams the rows again and renders each as it is dispatched, so a large
 //! batch is never held in memory; `run.concurrency` requests are in flight; each finished record
-//! goes through the one writer thread.
+//! goes through the one writer thread. Ctrl-C stops dispatching and lets requests in flight
+//! finish for `run.stop_grace_secs`; a second Ctrl-C abandons them at once.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use data_generator::backend::{Chunk, ClientError, Stats};
 use data_generator::config::{self, Config};
-use data_generator::dataset::{self, Dataset, OutputPaths, WriteItem, Writer};
-use data_generator::input::{IdSet, Row, RowReader};
+use data_generator::dataset::{Dataset, OutputPaths, WriteItem, Writer};
+use data_generator::input::{IdSet, InputError, Row, RowReader};
+use data_generator::manifest::{self, Manifest, RunEntry};
 use data_generator::progress::{self, DisplayMode, Event, JobId};
 use data_generator::record::{self, Failure, Record};
+use data_generator::resume::{self, Prior};
 use data_generator::template::PromptTemplate;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-use crate::ollama_client::{OllamaClient, ServerInfo};
+use crate::ollama_client::OllamaClient;
 
 /// How a run ended, for the exit code.
 #[derive(Debug)]
 pub struct Outcome {
     pub failed: u64,
+    pub interrupted: bool,
 }
 
 pub struct RunOptions {
     pub display: DisplayMode,
+    /// Run again the requests in `failures.jsonl` (the default).
+    pub retry_failed: bool,
+    /// Run again the requests whose record was cut off by `num_predict`.
+    pub redo_truncated: bool,
 }
 
 /// One request: a (row, sample) with its rendered prompt and the options it is sent with.
@@ -191,16 +200,88 @@ impl Ctx {
     }
 }
 
+
 /// The rows of the input, first `limit` only.
-fn rows(cfg: &Config) -> anyhow::Result<impl Iterator<Item = Result<Row, data_generator::input::InputError>>> {
+fn rows(cfg: &Config) -> anyhow::Result<impl Iterator<Item = Result<Row, InputError>>> {
     let reader = RowReader::open(&cfg.input_path, cfg.input_format, cfg.raw.input.id_field.as_deref())?;
     Ok(reader.take(cfg.run().limit.map_or(usize::MAX, |l| l as usize)))
 }
 
-/// Reads every row once: ids unique, every row renders. Returns the row count.
-fn validate_input(cfg: &Config, template: &PromptTemplate) -> anyhow::Result<u64> {
+/// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
+struct Planner {
+    cfg: Config,
+    template: PromptTemplate,
+    api: String,
+}
+
+impl Planner {
+    fn new(cfg: &Config) -> anyhow::Result<Planner> {
+        let template = PromptTemplate::new(cfg.template.clone(), &cfg.template_origin)?;
+        let api = format!("{:?}", cfg.backend().api).to_lowercase();
+        Ok(Planner { cfg: cfg.clone(), template, api })
+    }
+
+    fn render(&self, row: &Row) -> anyhow::Result<String> {
+        self.template.render(row).with_context(|| format!("in {}", self.cfg.input_path.display()))
+    }
+
+    fn job(&self, seq: JobId, row: &Row, prompt: &str, sample: u32) -> Job {
+        let cfg = &self.cfg;
+        let mut options = cfg.options().clone();
+        let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
+            let derived = record::derive_seed(s, cfg.run().samples_per_prompt, &row.id, sample);
+            options.insert("seed".into(), json!(derived));
+            derived
+        });
+        let key_options = json!({ "options": options, "think": cfg.backend().think });
+        let key = record::request_key(&row.id, sample, &cfg.backend().model, &self.api, cfg.system.as_deref(), prompt, &key_options);
+        Job {
+            seq,
+            row_id: row.id.clone(),
+            sample,
+            prompt: prompt.to_owned(),
+            input: row.fields.clone(),
+            options,
+            seed,
+            key,
+        }
+    }
+}
+
+/// Whether a request runs, given what the folder already holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Run,
+    AlreadyDone,
+    SkipFailed,
+}
+
+fn verdict(prior: &Prior, opts: &RunOptions, key: &str) -> Verdict {
+    let Some(k) = resume::parse_key(key) else { return Verdict::Run };
+    if prior.done.contains(&k) && !(opts.redo_truncated && prior.truncated.contains(&k)) {
+        Verdict::AlreadyDone
+    } else if !opts.retry_failed && prior.failed.contains(&k) {
+        Verdict::SkipFailed
+    } else {
+        Verdict::Run
+    }
+}
+
+/// What the input asks for, counted before the run.
+#[derive(Debug, Default)]
+struct Plan {
+    rows: u64,
+    requests: u64,
+    to_run: u64,
+    already_done: u64,
+    skipped_failed: u64,
+}
+
+/// Reads every row once: ids unique, every row renders, each request's verdict counted.
+fn check_input(planner: &Planner, prior: &Prior, opts: &RunOptions) -> anyhow::Result<Plan> {
+    let cfg = &planner.cfg;
     let mut ids = IdSet::default();
-    let mut n = 0u64;
+    let mut plan = Plan::default();
     for row in rows(cfg)? {
         let row = row?;
         if let Err(first) = ids.insert(&row.id, row.line) {
@@ -215,24 +296,58 @@ fn validate_input(cfg: &Config, template: &PromptTemplate) -> anyhow::Result<u64
                 }
             );
         }
-        template.render(&row).with_context(|| format!("in {}", cfg.input_path.display()))?;
-        n += 1;
+        let prompt = planner.render(&row)?;
+        plan.rows += 1;
+        for sample in 0..cfg.run().samples_per_prompt {
+            plan.requests += 1;
+            match verdict(prior, opts, &planner.job(0, &row, &prompt, sample).key) {
+                Verdict::Run => plan.to_run += 1,
+                Verdict::AlreadyDone => plan.already_done += 1,
+                Verdict::SkipFailed => plan.skipped_failed += 1,
+            }
+        }
     }
-    if n == 0 {
+    if plan.rows == 0 {
         anyhow::bail!("{}: no rows to run (the file is empty)", cfg.input_path.display());
     }
-    Ok(n)
+    Ok(plan)
 }
 
-/// Sampling options for one sample, and the key of the request.
-fn request_options(cfg: &Config, row_id: &str, sample: u32) -> (Map<String, Value>, Option<i64>) {
-    let mut options = cfg.options().clone();
-    let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
-        let derived = record::derive_seed(s, cfg.run().samples_per_prompt, row_id, sample);
-        options.insert("seed".into(), json!(derived));
-        derived
-    });
-    (options, seed)
+/// The reader thread: streams rows, renders them, sends the jobs to run; stops when the
+/// receiving side is gone.
+fn spawn_reader(planner: Planner, prior: Arc<Prior>, opts: (bool, bool), tx: mpsc::Sender<anyhow::Result<Job>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let opts = RunOptions { display: DisplayMode::None, retry_failed: opts.0, redo_truncated: opts.1 };
+        let send = |j| tx.blocking_send(j).is_ok();
+        let rows = match rows(&planner.cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                send(Err(e));
+                return;
+            }
+        };
+        let mut seq = 0;
+        for row in rows {
+            let rendered = row.map_err(anyhow::Error::from).and_then(|row| {
+                let prompt = planner.render(&row)?;
+                Ok((row, prompt))
+            });
+            let (row, prompt) = match rendered {
+                Ok(x) => x,
+                Err(e) => {
+                    send(Err(e));
+                    return;
+                }
+            };
+            for sample in 0..planner.cfg.run().samples_per_prompt {
+                seq += 1;
+                let job = planner.job(seq, &row, &prompt, sample);
+                if verdict(&prior, &opts, &job.key) == Verdict::Run && !send(Ok(job)) {
+                    return;
+                }
+            }
+        }
+    })
 }
 
 fn start_log(path: &Path) -> anyhow::Result<()> {
@@ -250,79 +365,115 @@ fn start_log(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-struct ManifestData<'a> {
-    cfg: &'a Config,
-    server: &'a ServerInfo,
-    rows: u64,
-    started_at: &'a str,
-    ended_at: Option<String>,
-    status: &'a str,
-    requests: u64,
-    done: u64,
-    failed: u64,
-    tokens: u64,
-    prior_runs: Vec<Value>,
+/// SIGINT and SIGTERM as a stream of "stop" requests.
+fn stop_signals() -> anyhow::Result<mpsc::UnboundedReceiver<&'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (kind, name) in [(SignalKind::interrupt(), "SIGINT"), (SignalKind::terminate(), "SIGTERM")] {
+        let mut s = signal(kind).context("cannot install the signal handler")?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                if tx.send(name).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(rx)
 }
 
-fn manifest(m: &ManifestData<'_>) -> Value {
-    let this_run = json!({
-        "started_at": m.started_at,
-        "ended_at": m.ended_at,
-        "status": m.status,
-        "requests": m.requests,
-        "done": m.done,
-        "failed": m.failed,
-        "completion_tokens": m.tokens,
+fn new_manifest(cfg: &Config, server_version: Option<String>, plan: &Plan, runs: Vec<RunEntry>) -> Manifest {
+    let mut runs = runs;
+    runs.push(RunEntry {
+        started_at: record::now_rfc3339(),
+        ended_at: None,
+        status: "running".into(),
+        error: None,
+        requests: plan.to_run,
+        already_done: plan.already_done,
+        done: 0,
+        failed: 0,
+        completion_tokens: 0,
     });
-    let mut runs = m.prior_runs.clone();
-    runs.push(this_run);
-    json!({
-        "manifest_version": 1,
-        "tool": { "name": env!("CARGO_PKG_NAME"), "version": env!("CARGO_PKG_VERSION") },
-        "name": m.cfg.name(),
-        "config_path": m.cfg.path.display().to_string(),
-        "config": config::snapshot(m.cfg),
-        "server": { "kind": "ollama", "url": m.cfg.url, "version": m.server.version, "model": m.cfg.backend().model },
-        "input": { "path": m.cfg.input_path.display().to_string(), "rows": m.rows, "samples_per_prompt": m.cfg.run().samples_per_prompt },
-        "started_at": m.started_at,
-        "ended_at": m.ended_at,
-        "status": m.status,
-        "counts": {
-            "requests": m.requests,
-            "done": m.done,
-            "failed": m.failed,
-            "remaining": m.requests.saturating_sub(m.done + m.failed),
+    Manifest {
+        manifest_version: manifest::MANIFEST_VERSION,
+        tool: manifest::Tool { name: env!("CARGO_PKG_NAME").into(), version: env!("CARGO_PKG_VERSION").into() },
+        name: cfg.name().to_owned(),
+        config_path: cfg.path.display().to_string(),
+        config: config::snapshot(cfg),
+        server: manifest::Server {
+            kind: "ollama".into(),
+            url: cfg.url.clone(),
+            version: server_version,
+            model: cfg.backend().model.clone(),
         },
-        "completion_tokens": m.tokens,
-        "runs": runs,
-    })
+        input: manifest::Input {
+            path: cfg.input_path.display().to_string(),
+            rows: plan.rows,
+            samples_per_prompt: cfg.run().samples_per_prompt,
+        },
+        counts: manifest::Counts {
+            requests: plan.requests,
+            already_done: plan.already_done,
+            skipped_failed: plan.skipped_failed,
+            done: 0,
+            failed: 0,
+            remaining: plan.to_run,
+        },
+        completion_tokens: 0,
+        runs,
+    }
 }
 
-fn write_manifest(paths: &OutputPaths, m: &ManifestData<'_>) -> anyhow::Result<()> {
-    let text = serde_json::to_vec_pretty(&manifest(m))?;
-    dataset::write_atomic(&paths.manifest, &text).with_context(|| format!("cannot write {}", paths.manifest.display()))
-}
-
-fn prior_runs(paths: &OutputPaths) -> Vec<Value> {
-    std::fs::read(&paths.manifest)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| v.get("runs").and_then(Value::as_array).cloned())
-        .unwrap_or_default()
+/// Counts this run's progress into the manifest.
+fn tally(m: &mut Manifest, plan: &Plan, done: u64, failed: u64, tokens: u64) {
+    m.counts.done = done;
+    m.counts.failed = failed;
+    m.counts.remaining = plan.to_run.saturating_sub(done + failed);
+    m.completion_tokens = tokens;
+    if let Some(r) = m.current_run() {
+        r.done = done;
+        r.failed = failed;
+        r.completion_tokens = tokens;
+    }
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
-    let template = PromptTemplate::new(cfg.template.clone(), &cfg.template_origin)?;
-    let row_count = validate_input(&cfg, &template)?;
-    let samples = cfg.run().samples_per_prompt;
-    let requests = row_count * u64::from(samples);
-
     let paths = OutputPaths::new(&cfg.output_dir);
+    let planner = Planner::new(&cfg)?;
+    let prior = resume::load(&paths, &cfg.raw.output.formats)?;
+    let plan = check_input(&planner, &prior, &opts)?;
+
     let dataset = Dataset::open(&paths, &cfg.raw.output.formats)?;
     start_log(&paths.log)?;
-    tracing::info!(config = %cfg.path.display(), url = %cfg.url, model = %cfg.backend().model, rows = row_count, samples, "run starting");
+    tracing::info!(config = %cfg.path.display(), url = %cfg.url, model = %cfg.backend().model, rows = plan.rows,
+        requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
+    for note in &prior.repairs {
+        tracing::warn!("{note}");
+        eprintln!("repaired: {note}");
+    }
     for k in config::unknown_options(cfg.options()) {
         tracing::warn!(option = %k, "option is not one Ollama documents; passed through as written");
+    }
+    let runs = Manifest::prior_runs(&paths.manifest);
+
+    if plan.to_run == 0 {
+        let mut m = new_manifest(&cfg, None, &plan, runs);
+        if let Some(r) = m.current_run() {
+            r.ended_at = Some(record::now_rfc3339());
+            r.status = "completed".into();
+        }
+        m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
+        println!(
+            "{}: nothing to do: {} of {} requests already in {}{}",
+            cfg.name(),
+            plan.already_done,
+            plan.requests,
+            paths.dir.display(),
+            if plan.skipped_failed > 0 { format!(", {} failed before and skipped", plan.skipped_failed) } else { String::new() }
+        );
+        return Ok(Outcome { failed: 0, interrupted: false });
     }
 
     let client = OllamaClient::new(&cfg)?;
@@ -335,75 +486,18 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     };
     tracing::info!(version = ?server.version, capabilities = ?server.capabilities, "server ready");
 
-    let started_at = record::now_rfc3339();
-    let mut md = ManifestData {
-        cfg: &cfg,
-        server: &server,
-        rows: row_count,
-        started_at: &started_at,
-        ended_at: None,
-        status: "running",
-        requests,
-        done: 0,
-        failed: 0,
-        tokens: 0,
-        prior_runs: prior_runs(&paths),
-    };
-    write_manifest(&paths, &md)?;
+    let mut m = new_manifest(&cfg, server.version.clone(), &plan, runs);
+    m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
 
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let display = tokio::spawn(progress::run_display(ev_rx, opts.display.resolve(), Duration::from_secs(5)));
-    let _ = ev_tx.send(Event::Started { total: requests, already_done: 0 });
+    let _ = ev_tx.send(Event::Started { total: plan.to_run, already_done: plan.already_done });
+    let mut signals = stop_signals()?;
 
-    // The reader thread streams rows and renders them; a small queue keeps it just ahead.
     let concurrency = cfg.run().concurrency;
     let (job_tx, mut job_rx) = mpsc::channel::<anyhow::Result<Job>>(concurrency * 2);
-    let reader_cfg = cfg.clone();
-    let reader = std::thread::spawn(move || {
-        let send = |j| job_tx.blocking_send(j).is_ok();
-        let rows = match rows(&reader_cfg) {
-            Ok(r) => r,
-            Err(e) => return send(Err(e)),
-        };
-        let template = match PromptTemplate::new(reader_cfg.template.clone(), &reader_cfg.template_origin) {
-            Ok(t) => t,
-            Err(e) => return send(Err(e.into())),
-        };
-        let mut seq = 0;
-        for row in rows {
-            let job = row.map_err(anyhow::Error::from).and_then(|row| {
-                let prompt = template.render(&row)?;
-                Ok((row, prompt))
-            });
-            let (row, prompt) = match job {
-                Ok(x) => x,
-                Err(e) => return send(Err(e)),
-            };
-            for sample in 0..reader_cfg.run().samples_per_prompt {
-                let (options, seed) = request_options(&reader_cfg, &row.id, sample);
-                let key_options = json!({ "options": options, "think": reader_cfg.backend().think });
-                let b = reader_cfg.backend();
-                let api = format!("{:?}", b.api).to_lowercase();
-                let key =
-                    record::request_key(&row.id, sample, &b.model, &api, reader_cfg.system.as_deref(), &prompt, &key_options);
-                seq += 1;
-                let job = Job {
-                    seq,
-                    row_id: row.id.clone(),
-                    sample,
-                    prompt: prompt.clone(),
-                    input: row.fields.clone(),
-                    options,
-                    seed,
-                    key,
-                };
-                if !send(Ok(job)) {
-                    return false;
-                }
-            }
-        }
-        true
-    });
+    let prior = Arc::new(prior);
+    let reader = spawn_reader(planner, prior, (opts.retry_failed, opts.redo_truncated), job_tx);
 
     let ctx = Arc::new(Ctx {
         client,
@@ -413,9 +507,22 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
         ),
     });
-    let jobs = futures::stream::poll_fn(move |cx| job_rx.poll_recv(cx));
+    // After the first stop signal no new job is taken; those in flight go on.
+    let dispatching = Arc::new(AtomicBool::new(true));
+    let open = dispatching.clone();
+    let jobs = futures::stream::poll_fn(move |cx| {
+        if open.load(Ordering::SeqCst) {
+            job_rx.poll_recv(cx)
+        } else {
+            std::task::Poll::Ready(None)
+        }
+    });
+    // Jobs taken so far; minus those finished, the requests in flight.
+    let taken = Arc::new(AtomicU64::new(0));
+    let counter = taken.clone();
     let mut results = jobs
         .map(move |job| {
+            counter.fetch_add(1, Ordering::SeqCst);
             let ctx = ctx.clone();
             async move {
                 match job {
@@ -427,25 +534,67 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
         .buffer_unordered(concurrency);
 
     let writer = Writer::spawn(dataset);
+    let (mut done, mut failed, mut tokens) = (0u64, 0u64, 0u64);
     let mut fatal: Option<anyhow::Error> = None;
-    while let Some(result) = results.next().await {
-        let item = match result {
-            Ok(JobResult::Record(r)) => {
-                md.done += 1;
-                md.tokens += r.completion_tokens.unwrap_or(0);
-                WriteItem::Record(r)
+    let mut stop: Option<&'static str> = None;
+    let mut aborted = false;
+    let grace = Duration::from_secs_f64(cfg.run().stop_grace_secs);
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut manifest_at = Instant::now();
+    loop {
+        tokio::select! {
+            result = results.next() => {
+                let Some(result) = result else { break };
+                let item = match result {
+                    Ok(JobResult::Record(r)) => {
+                        done += 1;
+                        tokens += r.completion_tokens.unwrap_or(0);
+                        WriteItem::Record(r)
+                    }
+                    Ok(JobResult::Failure(f)) => {
+                        failed += 1;
+                        WriteItem::Failure(f)
+                    }
+                    Err(e) => {
+                        fatal = Some(e);
+                        break;
+                    }
+                };
+                if !writer.send(item) {
+                    break; // the writer stopped on an error: `finish` says which
+                }
+                if stop.is_some() {
+                    let in_flight = taken.load(Ordering::SeqCst).saturating_sub(done + failed);
+                    let _ = ev_tx.send(Event::Stopping { message: stopping_message(in_flight, deadline) });
+                }
+                if manifest_at.elapsed() >= Duration::from_secs(10) {
+                    tally(&mut m, &plan, done, failed, tokens);
+                    if let Err(e) = m.write(&paths.manifest) {
+                        tracing::warn!(error = %e, "cannot update the manifest");
+                    }
+                    manifest_at = Instant::now();
+                }
             }
-            Ok(JobResult::Failure(f)) => {
-                md.failed += 1;
-                WriteItem::Failure(f)
+            sig = signals.recv() => {
+                let Some(sig) = sig else { continue };
+                if stop.is_none() {
+                    stop = Some(sig);
+                    dispatching.store(false, Ordering::SeqCst);
+                    deadline = tokio::time::Instant::now() + grace;
+                    tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
+                    let in_flight = taken.load(Ordering::SeqCst).saturating_sub(done + failed);
+                    let _ = ev_tx.send(Event::Stopping { message: stopping_message(in_flight, deadline) });
+                } else {
+                    tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
+                    aborted = true;
+                    break;
+                }
             }
-            Err(e) => {
-                fatal = Some(e);
+            _ = tokio::time::sleep_until(deadline), if stop.is_some() => {
+                tracing::warn!("grace period over: abandoning the requests in flight");
+                aborted = true;
                 break;
             }
-        };
-        if !writer.send(item) {
-            break; // the writer stopped on an error: `finish` says which
         }
     }
     drop(results);
@@ -454,42 +603,70 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     drop(ev_tx);
     let view = display.await.ok();
 
-    md.ended_at = Some(record::now_rfc3339());
+    tally(&mut m, &plan, done, failed, tokens);
     let error = match (write_result, fatal) {
-        (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written")),
+        (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
         (Ok(()), Some(e)) => Some(e),
         (Ok(()), None) => None,
     };
-    md.status = match (&error, md.failed) {
-        (Some(_), _) => "error",
-        (None, 0) => "completed",
-        (None, _) => "completed_with_failures",
+    let status = match (&error, stop, aborted, failed) {
+        (Some(_), ..) => "error",
+        (None, Some(_), true, _) => "aborted",
+        (None, Some(_), false, _) => "interrupted",
+        (None, None, _, 0) => "completed",
+        (None, None, _, _) => "completed_with_failures",
     };
-    let manifest_result = write_manifest(&paths, &md);
-    tracing::info!(done = md.done, failed = md.failed, tokens = md.tokens, status = md.status, "run finished");
+    if let Some(r) = m.current_run() {
+        r.ended_at = Some(record::now_rfc3339());
+        r.status = status.into();
+        r.error = error.as_ref().map(|e| format!("{e:#}"));
+    }
+    let manifest_result = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()));
+    tracing::info!(done, failed, tokens, status, "run finished");
     if let Some(e) = error {
         tracing::error!(error = %format!("{e:#}"), "run stopped");
         return Err(e);
     }
     manifest_result?;
 
-    print_summary(&cfg, &paths, &md, view.as_ref().map(|v| v.started.elapsed()));
-    Ok(Outcome { failed: md.failed })
+    print_summary(&cfg, &paths, &m, &plan, view.as_ref().map(|v| v.started.elapsed()), stop);
+    Ok(Outcome { failed, interrupted: stop.is_some() })
 }
 
-fn print_summary(cfg: &Config, paths: &OutputPaths, md: &ManifestData<'_>, elapsed: Option<Duration>) {
-    let secs = elapsed.unwrap_or_default().as_secs_f64();
-    let rate = if secs > 0.0 { md.tokens as f64 / secs } else { 0.0 };
-    println!(
-        "{}: {} of {} requests done, {} failed, in {} ({} tokens, {:.1} tok/s)",
-        cfg.name(),
-        md.done,
-        md.requests,
-        md.failed,
-        progress::format_duration(elapsed.unwrap_or_default()),
-        md.tokens,
-        rate
-    );
+fn stopping_message(in_flight: u64, deadline: tokio::time::Instant) -> String {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    format!(
+        "stopping: waiting for {in_flight} request{} in flight (at most {}), Ctrl-C again to abort",
+        if in_flight == 1 { "" } else { "s" },
+        progress::format_duration(left)
+    )
+}
+
+fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, elapsed: Option<Duration>, stop: Option<&str>) {
+    let elapsed = elapsed.unwrap_or_default();
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 };
+    let c = &m.counts;
+    if let Some(sig) = stop {
+        println!(
+            "{}: interrupted by {sig}: {} done, {} failed, {} not run; re-run the same command to continue",
+            cfg.name(),
+            c.done,
+            c.failed,
+            c.remaining
+        );
+    } else {
+        println!("{}: {} of {} requests done, {} failed, in {}", cfg.name(), c.done, plan.to_run, c.failed, progress::format_duration(elapsed));
+    }
+    println!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, rate);
+    if c.already_done > 0 || c.skipped_failed > 0 {
+        println!(
+            "  resumed:  {} of {} requests were already done{}",
+            c.already_done,
+            c.requests,
+            if c.skipped_failed > 0 { format!(", {} failed before and skipped", c.skipped_failed) } else { String::new() }
+        );
+    }
     for f in &cfg.raw.output.formats {
         let p = match f {
             config::OutputFormat::Jsonl => &paths.jsonl,
@@ -497,8 +674,8 @@ fn print_summary(cfg: &Config, paths: &OutputPaths, md: &ManifestData<'_>, elaps
         };
         println!("  dataset:  {}", p.display());
     }
-    if md.failed > 0 {
-        println!("  failures: {} ({} rows; re-run to retry them)", paths.failures.display(), md.failed);
+    if c.failed > 0 {
+        println!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed);
     }
     println!("  manifest: {}", paths.manifest.display());
     println!("  log:      {}", paths.log.display());

@@ -1,0 +1,357 @@
+//! Resume state: what an output folder already holds, read back before a run so that re-running
+//! the same command continues where the last run stopped.
+//!
+//! `dataset.jsonl` is the truth. On start, a torn last line (a crash mid-write) is cut off and
+//! its bytes kept beside the file; `dataset.csv` is then checked record by record against the
+//! JSONL and repaired from it (a torn or missing tail re-appended, anything else rebuilt). The
+//! keys of the records it holds say which requests are done: a request is done when a record
+//! with its exact key exists, so an edited template, another model or other options make a row
+//! run again while its old record stays in the file.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use crate::config::OutputFormat;
+use crate::dataset::{CsvFile, OutputPaths, RecordSink};
+use crate::record::{Failure, Record, CSV_COLUMNS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}:{line}: not a dataset record ({message}); fix or remove that line, or start over with --fresh")]
+    BadLine { path: PathBuf, line: u64, message: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ResumeError + '_ {
+    move |source| ResumeError::Io { path: path.to_owned(), source }
+}
+
+/// A record's key as a number (32 hex digits); None for anything else.
+pub fn parse_key(k: &str) -> Option<u128> {
+    (k.len() == 32).then(|| u128::from_str_radix(k, 16).ok()).flatten()
+}
+
+/// What the folder held before this run.
+#[derive(Debug, Default)]
+pub struct Prior {
+    /// Keys of every record in the dataset.
+    pub done: HashSet<u128>,
+    /// Keys whose latest record was cut off by `num_predict` (`done_reason: length`).
+    pub truncated: HashSet<u128>,
+    /// Keys in `failures.jsonl` that no record has answered since.
+    pub failed: HashSet<u128>,
+    /// Records in `dataset.jsonl`.
+    pub records: u64,
+    /// What was repaired, for the log and the user.
+    pub repairs: Vec<String>,
+}
+
+/// Cuts an unterminated last line off a line-oriented file, keeping the cut bytes in
+/// `<file>.torn-<n>` beside it. Returns the note of what was done.
+pub fn cut_torn_tail(path: &Path) -> Result<Option<String>, ResumeError> {
+    let mut f = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let len = f.metadata().map_err(io_err(path))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    // Scan back from the end for the last newline, a block at a time.
+    let mut end = len;
+    let mut keep = 0u64;
+    let mut block = vec![0u8; 64 * 1024];
+    'scan: while end > 0 {
+        let start = end.saturating_sub(block.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start)).map_err(io_err(path))?;
+        f.read_exact(&mut block[..n]).map_err(io_err(path))?;
+        if let Some(i) = block[..n].iter().rposition(|b| *b == b'\n') {
+            keep = start + i as u64 + 1;
+            break 'scan;
+        }
+        end = start;
+    }
+    if keep == len {
+        return Ok(None);
+    }
+    let mut torn = Vec::with_capacity((len - keep) as usize);
+    f.seek(SeekFrom::Start(keep)).map_err(io_err(path))?;
+    f.read_to_end(&mut torn).map_err(io_err(path))?;
+    let saved = save_aside(path, "torn", &torn)?;
+    f.set_len(keep).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(Some(format!(
+        "{}: cut off a torn last line ({} bytes, kept in {})",
+        path.display(),
+        torn.len(),
+        saved.display()
+    )))
+}
+
+/// Writes bytes to `<file>.<what>-<n>` (the first free n) and returns that path.
+fn save_aside(path: &Path, what: &str, bytes: &[u8]) -> Result<PathBuf, ResumeError> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    for n in 1.. {
+        let p = path.with_file_name(format!("{name}.{what}-{n}"));
+        match OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(mut f) => {
+                f.write_all(bytes).and_then(|_| f.sync_all()).map_err(io_err(&p))?;
+                return Ok(p);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
+    unreachable!("an unbounded range always yields")
+}
+
+/// Reads a JSONL file of `T`, calling `each` with every record and its line number.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, mut each: impl FnMut(T, u64)) -> Result<(), ResumeError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut r = BufReader::new(f);
+    let mut buf = Vec::new();
+    let mut line = 0;
+    loop {
+        buf.clear();
+        if r.read_until(b'\n', &mut buf).map_err(io_err(path))? == 0 {
+            return Ok(());
+        }
+        line += 1;
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let v = serde_json::from_slice::<T>(&buf)
+            .map_err(|e| ResumeError::BadLine { path: path.to_owned(), line, message: e.to_string() })?;
+        each(v, line);
+    }
+}
+
+/// Repairs the folder's files and reads what they hold.
+pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+    let mut prior = Prior::default();
+    let has_jsonl = formats.contains(&OutputFormat::Jsonl);
+    let has_csv = formats.contains(&OutputFormat::Csv);
+    for p in [&paths.jsonl, &paths.failures] {
+        prior.repairs.extend(cut_torn_tail(p)?);
+    }
+
+    let mut order: Vec<u128> = Vec::new();
+    let mut last_reason: HashMap<u128, bool> = HashMap::new();
+    let mut note = |key: Option<u128>, truncated: bool, prior: &mut Prior| {
+        prior.records += 1;
+        if let Some(k) = key {
+            prior.done.insert(k);
+            last_reason.insert(k, truncated);
+        }
+    };
+    if has_jsonl || paths.jsonl.exists() {
+        read_jsonl::<Record>(&paths.jsonl, |r, _| {
+            let key = parse_key(&r.key);
+            order.push(key.unwrap_or(0));
+            note(key, r.done_reason.as_deref() == Some("length"), &mut prior);
+        })?;
+        if has_csv {
+            if let Some(msg) = reconcile_csv(&paths.csv, &paths.jsonl, &order)? {
+                prior.repairs.push(msg);
+            }
+        }
+    } else if has_csv {
+        // CSV only: it is the truth; only its tail can be torn.
+        prior.repairs.extend(cut_torn_csv(&paths.csv)?);
+        for (key, reason) in csv_keys(&paths.csv)?.into_iter().map(|(k, _, r)| (k, r)) {
+            note(key, reason.as_deref() == Some("length"), &mut prior);
+        }
+    }
+    prior.truncated = last_reason.into_iter().filter(|(_, t)| *t).map(|(k, _)| k).collect();
+    read_jsonl::<Failure>(&paths.failures, |f, _| {
+        if let Some(k) = parse_key(&f.key) {
+            prior.failed.insert(k);
+        }
+    })?;
+    prior.failed.retain(|k| !prior.done.contains(k));
+    Ok(prior)
+}
+
+/// Each CSV record's key, the byte offset where it ends, and its done_reason.
+#[allow(clippy::type_complexity)]
+fn csv_keys(path: &Path) -> Result<Vec<(Option<u128>, u64, Option<String>)>, ResumeError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut r = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(BufReader::new(f));
+    let header: Vec<String> = match r.headers() {
+        Ok(h) => h.iter().map(str::to_owned).collect(),
+        Err(_) => return Ok(Vec::new()),
+    };
+    if header != CSV_COLUMNS {
+        return Ok(Vec::new());
+    }
+    let key_col = CSV_COLUMNS.iter().position(|c| *c == "key").unwrap_or(0);
+    let reason_col = CSV_COLUMNS.iter().position(|c| *c == "done_reason").unwrap_or(0);
+    let mut out = Vec::new();
+    let mut rec = csv::StringRecord::new();
+    loop {
+        match r.read_record(&mut rec) {
+            Ok(true) if rec.len() == CSV_COLUMNS.len() => {
+                let reason = rec.get(reason_col).filter(|s| !s.is_empty()).map(str::to_owned);
+                out.push((rec.get(key_col).and_then(parse_key), r.position().byte(), reason));
+            }
+            _ => return Ok(out),
+        }
+    }
+}
+
+/// The CSV's header row ends where its first record starts.
+fn csv_header_end(path: &Path) -> Option<u64> {
+    let f = File::open(path).ok()?;
+    let mut r = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(f));
+    let h = r.headers().ok()?;
+    let ours = h.iter().eq(CSV_COLUMNS.iter().copied());
+    ours.then(|| r.position().byte())
+}
+
+/// Cuts a CSV file after its last complete record (terminated, with every column).
+fn cut_torn_csv(path: &Path) -> Result<Option<String>, ResumeError> {
+    let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else { return Ok(None) };
+    let keys = csv_keys(path)?;
+    let mut end = keys.last().map(|k| k.1).or_else(|| csv_header_end(path)).unwrap_or(0);
+    if end > len {
+        end = len;
+    }
+    truncate_keeping(path, end, len)
+}
+
+/// Truncates `path` to `keep` bytes, saving the rest aside.
+fn truncate_keeping(path: &Path, keep: u64, len: u64) -> Result<Option<String>, ResumeError> {
+    if keep >= len {
+        return Ok(None);
+    }
+    let mut f = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))?;
+    let mut cut = Vec::new();
+    f.seek(SeekFrom::Start(keep)).map_err(io_err(path))?;
+    f.read_to_end(&mut cut).map_err(io_err(path))?;
+    let saved = save_aside(path, "torn", &cut)?;
+    f.set_len(keep).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(Some(format!("{}: cut off {} bytes after the last complete record (kept in {})", path.display(), cut.len(), saved.display())))
+}
+
+/// Makes the CSV hold exactly the JSONL's records, in order: keeps the longest prefix that
+/// matches (a record counts only when terminated), cuts the rest aside, re-appends what is missing.
+fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128]) -> Result<Option<String>, ResumeError> {
+    let len = match std::fs::metadata(csv_path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(csv_path)(e)),
+    };
+    let header_end = if len == 0 { None } else { csv_header_end(csv_path) };
+    let (matched, keep) = match header_end {
+        None if len == 0 => (0, 0),
+        None => {
+            // Not our CSV (or a torn header): set it aside whole and rebuild.
+            let mut bytes = Vec::new();
+            File::open(csv_path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(csv_path))?;
+            let saved = save_aside(csv_path, "replaced", &bytes)?;
+            std::fs::remove_file(csv_path).map_err(io_err(csv_path))?;
+            let note = format!("{}: unexpected header; moved to {} and rebuilt from the JSONL", csv_path.display(), saved.display());
+            append_from_jsonl(csv_path, jsonl, 0)?;
+            return Ok(Some(note));
+        }
+        Some(h) => {
+            let keys = csv_keys(csv_path)?;
+            let mut matched = 0;
+            let mut keep = h;
+            for (i, (k, end, _)) in keys.iter().enumerate() {
+                // A record is complete only when its line ended; the file's last byte must be a newline.
+                let terminated = *end < len || ends_with_newline(csv_path, len)?;
+                if i < order.len() && *k == Some(order[i]) && order[i] != 0 && terminated {
+                    matched += 1;
+                    keep = *end;
+                } else {
+                    break;
+                }
+            }
+            (matched, keep.min(len))
+        }
+    };
+    if matched == order.len() && keep == len {
+        return Ok(None);
+    }
+    let cut = if keep < len { truncate_keeping(csv_path, keep, len)? } else { None };
+    let appended = append_from_jsonl(csv_path, jsonl, matched)?;
+    let mut note = cut.unwrap_or_else(|| format!("{}: behind the JSONL", csv_path.display()));
+    note.push_str(&format!("; re-appended {appended} records from {}", jsonl.display()));
+    Ok(Some(note))
+}
+
+fn ends_with_newline(path: &Path, len: u64) -> Result<bool, ResumeError> {
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut f = File::open(path).map_err(io_err(path))?;
+    f.seek(SeekFrom::Start(len - 1)).map_err(io_err(path))?;
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b).map_err(io_err(path))?;
+    Ok(b[0] == b'\n')
+}
+
+/// Appends the JSONL's records from index `skip` on to the CSV (creating it with its header).
+fn append_from_jsonl(csv_path: &Path, jsonl: &Path, skip: usize) -> Result<u64, ResumeError> {
+    let mut sink = CsvFile::open(csv_path).map_err(|e| ResumeError::Io { path: csv_path.to_owned(), source: io::Error::other(e) })?;
+    let mut n = 0u64;
+    let mut idx = 0usize;
+    let mut failed: Option<io::Error> = None;
+    read_jsonl::<Record>(jsonl, |r, _| {
+        if idx >= skip && failed.is_none() {
+            match sink.write(&r) {
+                Ok(()) => n += 1,
+                Err(e) => failed = Some(e),
+            }
+        }
+        idx += 1;
+    })?;
+    if let Some(e) = failed {
+        return Err(io_err(csv_path)(e));
+    }
+    sink.sync().map_err(io_err(csv_path))?;
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torn_tail_is_cut_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dataset.jsonl");
+        std::fs::write(&p, b"{\"a\":1}\n{\"b\":2}\n{\"c\":").unwrap();
+        let note = cut_torn_tail(&p).unwrap().unwrap();
+        assert!(note.contains("5 bytes"), "{note}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
+        assert_eq!(std::fs::read(dir.path().join("dataset.jsonl.torn-1")).unwrap(), b"{\"c\":");
+        assert!(cut_torn_tail(&p).unwrap().is_none());
+        // A file that is one torn line.
+        std::fs::write(&p, b"{\"x\"").unwrap();
+        cut_torn_tail(&p).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"");
+        assert!(dir.path().join("dataset.jsonl.torn-2").exists());
+    }
+
+    #[test]
+    fn keys_parse() {
+        assert_eq!(parse_key("0000000000000000000000000000000a"), Some(10));
+        assert_eq!(parse_key("xyz"), None);
+    }
+}
