@@ -7,7 +7,7 @@
 //! so a power cut loses at most that many seconds of records.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -62,34 +62,71 @@ pub trait RecordSink: Send {
     fn path(&self) -> &Path;
 }
 
-fn open_append(path: &Path) -> Result<(File, bool), DatasetError> {
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| DatasetError::Open { path: path.to_owned(), source })?;
-    let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(true);
-    Ok((file, empty))
-}
-
-/// Appends JSON lines, each in a single write, flushed at once.
-pub struct JsonlFile {
+/// A file that only grows, one whole entry per write. A write that fails part-way (a full disk)
+/// is rolled back to the previous length, so the file never ends in half an entry.
+pub struct AppendFile {
     file: File,
     path: PathBuf,
+    len: u64,
+}
+
+impl AppendFile {
+    pub fn open(path: &Path) -> Result<AppendFile, DatasetError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| DatasetError::Open { path: path.to_owned(), source })?;
+        let len = file.metadata().map_err(|source| DatasetError::Open { path: path.to_owned(), source })?.len();
+        Ok(AppendFile { file, path: path.to_owned(), len })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self.file.write_all(bytes) {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// JSON lines, each written whole.
+pub struct JsonlFile {
+    file: AppendFile,
     buf: Vec<u8>,
 }
 
 impl JsonlFile {
     pub fn open(path: &Path) -> Result<JsonlFile, DatasetError> {
-        let (file, _) = open_append(path)?;
-        Ok(JsonlFile { file, path: path.to_owned(), buf: Vec::with_capacity(4096) })
+        Ok(JsonlFile { file: AppendFile::open(path)?, buf: Vec::with_capacity(4096) })
     }
 
     pub fn append<T: serde::Serialize>(&mut self, value: &T) -> io::Result<()> {
         self.buf.clear();
         serde_json::to_writer(&mut self.buf, value)?;
         self.buf.push(b'\n');
-        self.file.write_all(&self.buf)
+        self.file.append(&self.buf)
     }
 }
 
@@ -98,45 +135,52 @@ impl RecordSink for JsonlFile {
         self.append(record)
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync()
     }
     fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }
 
-/// RFC 4180 CSV with a header row, written by the `csv` crate so commas, quotes and newlines in
-/// responses survive.
+/// RFC 4180 CSV with a header row, formatted by the `csv` crate so commas, quotes and newlines in
+/// responses survive; each record written whole.
 pub struct CsvFile {
-    writer: csv::Writer<BufWriter<File>>,
-    path: PathBuf,
+    file: AppendFile,
+}
+
+/// One CSV record (with its line terminator) as bytes.
+fn csv_bytes<I, T>(fields: I) -> io::Result<Vec<u8>>
+where
+    I: IntoIterator<Item = T>,
+    T: AsRef<[u8]>,
+{
+    let mut w = csv::WriterBuilder::new().has_headers(false).buffer_capacity(1024).from_writer(Vec::new());
+    w.write_record(fields).map_err(io::Error::other)?;
+    w.into_inner().map_err(|e| io::Error::other(e.to_string()))
 }
 
 impl CsvFile {
     pub fn open(path: &Path) -> Result<CsvFile, DatasetError> {
-        let (file, empty) = open_append(path)?;
-        let mut writer = csv::WriterBuilder::new().has_headers(false).from_writer(BufWriter::new(file));
-        if empty {
-            writer
-                .write_record(CSV_COLUMNS)
-                .and_then(|_| writer.flush().map_err(csv::Error::from))
-                .map_err(|e| DatasetError::Write { path: path.to_owned(), source: io::Error::other(e) })?;
+        let mut file = AppendFile::open(path)?;
+        if file.is_empty() {
+            csv_bytes(CSV_COLUMNS)
+                .and_then(|b| file.append(&b))
+                .map_err(|source| DatasetError::Write { path: path.to_owned(), source })?;
         }
-        Ok(CsvFile { writer, path: path.to_owned() })
+        Ok(CsvFile { file })
     }
 }
 
 impl RecordSink for CsvFile {
     fn write(&mut self, record: &Record) -> io::Result<()> {
-        self.writer.write_record(record.csv_row()).map_err(io::Error::other)?;
-        self.writer.flush()
+        let bytes = csv_bytes(record.csv_row())?;
+        self.file.append(&bytes)
     }
     fn sync(&mut self) -> io::Result<()> {
-        self.writer.flush()?;
-        self.writer.get_ref().get_ref().sync_data()
+        self.file.sync()
     }
     fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 }
 
@@ -172,7 +216,7 @@ impl Dataset {
     }
 
     pub fn write_failure(&mut self, failure: &Failure) -> Result<(), DatasetError> {
-        let path = self.failures.path.clone();
+        let path = self.failures.path().to_owned();
         self.failures.append(failure).map_err(|source| DatasetError::Write { path, source })?;
         self.written()
     }
@@ -193,7 +237,7 @@ impl Dataset {
         for s in &mut self.sinks {
             s.sync().map_err(|source| DatasetError::Write { path: s.path().to_owned(), source })?;
         }
-        let path = self.failures.path.clone();
+        let path = self.failures.path().to_owned();
         self.failures.sync().map_err(|source| DatasetError::Write { path, source })?;
         self.last_sync = Instant::now();
         self.dirty = false;

@@ -32,6 +32,8 @@ use crate::ollama_client::OllamaClient;
 /// How a run ended, for the exit code.
 #[derive(Debug)]
 pub struct Outcome {
+    /// Requests that failed in this run, plus earlier failures skipped with `--no-retry-failed`:
+    /// either way rows are in `failures.jsonl` and not in the dataset.
     pub failed: u64,
     pub interrupted: bool,
 }
@@ -473,7 +475,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             paths.dir.display(),
             if plan.skipped_failed > 0 { format!(", {} failed before and skipped", plan.skipped_failed) } else { String::new() }
         );
-        return Ok(Outcome { failed: 0, interrupted: false });
+        return Ok(Outcome { failed: plan.skipped_failed, interrupted: false });
     }
 
     let client = OllamaClient::new(&cfg)?;
@@ -630,7 +632,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     manifest_result?;
 
     print_summary(&cfg, &paths, &m, &plan, view.as_ref().map(|v| v.started.elapsed()), stop);
-    Ok(Outcome { failed, interrupted: stop.is_some() })
+    Ok(Outcome { failed: failed + plan.skipped_failed, interrupted: stop.is_some() })
 }
 
 fn stopping_message(in_flight: u64, deadline: tokio::time::Instant) -> String {

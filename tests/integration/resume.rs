@@ -1,0 +1,357 @@
+//! Overnight safety: kills, Ctrl-C, torn files, edited templates, failures, --fresh, a full disk.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fake_ollama::{expected_response, FakeOllama, Options};
+use crate::util::{read_csv, read_jsonl, write_questions, ConfigBuilder, Dir, BIN};
+
+fn questions(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("Question n°{i}: pourquoi ? 日本 🎉")).collect()
+}
+
+fn spawn(dir: &Dir, args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("OLLAMA_HOST")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn data_generator")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Waits for the child with a limit; returns (exit code, stdout, stderr, how long it took).
+fn wait(child: Child, limit: Duration) -> (i32, String, String, Duration) {
+    let start = Instant::now();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("data_generator did not exit within {limit:?}");
+        }
+    };
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed(),
+    )
+}
+
+/// The complete records of the dataset (a torn last line, if any, is not one).
+fn complete_records(dir: &Dir) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(dir.join("out/dataset.jsonl")) else { return Vec::new() };
+    text.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+/// A request's identity on the wire and in the dataset: (prompt, seed).
+fn identity(prompt: &str, seed: &Value) -> (String, i64) {
+    (prompt.to_owned(), seed.as_i64().unwrap_or(-1))
+}
+
+/// The dataset holds every (row, sample) exactly once, byte-exact, and the CSV says the same.
+fn check_complete(dir: &Dir, rows: usize, samples: u64) {
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    let mut seen = HashMap::new();
+    for r in &recs {
+        let k = (r["id"].as_str().unwrap_or_default().to_owned(), r["sample"].as_u64().unwrap_or(99));
+        *seen.entry(k).or_insert(0) += 1;
+        let prompt = r["prompt"].as_str().unwrap_or_default();
+        assert_eq!(r["response"].as_str(), Some(expected_response(prompt).as_str()), "byte-exact");
+    }
+    assert_eq!(seen.len(), rows * samples as usize, "every (row, sample) present");
+    assert!(seen.values().all(|n| *n == 1), "no (row, sample) twice: {seen:?}");
+    let (header, csv_rows) = read_csv(&dir.join("out/dataset.csv"));
+    let key_col = header.iter().position(|h| h == "key").expect("key column");
+    let resp_col = header.iter().position(|h| h == "response").expect("response column");
+    assert_eq!(csv_rows.len(), recs.len(), "CSV has the JSONL's records");
+    for (row, rec) in csv_rows.iter().zip(&recs) {
+        assert_eq!(row[key_col], rec["key"].as_str().unwrap_or_default());
+        assert_eq!(row[resp_col], rec["response"].as_str().unwrap_or_default());
+    }
+}
+
+#[test]
+fn sigkill_at_random_points_then_resume() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(2), ..Default::default() });
+    let dir = Dir::new();
+    let qs = questions(24);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 4\nsamples_per_prompt = 2\nmax_retries = 2\nretry_base_delay_ms = 10\n".into();
+    dir.write("run.toml", cfg.toml());
+
+    // Kill points spread over the run, from a fixed seed so failures repeat.
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    let mut kills = 0;
+    let mut runs = 0;
+    loop {
+        runs += 1;
+        assert!(runs < 30, "the run never completed");
+        let before = fake.generations().len();
+        let written: HashSet<(String, i64)> =
+            complete_records(&dir).iter().map(|r| identity(r["prompt"].as_str().unwrap_or_default(), &r["seed"])).collect();
+        let child = spawn(&dir, &["--config", "run.toml"]);
+        let finished = if kills < 5 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let after = Duration::from_millis(150 + x % 700);
+            std::thread::sleep(after);
+            let mut child = child;
+            let exited = child.try_wait().ok().flatten().is_some();
+            if !exited {
+                let _ = child.kill(); // SIGKILL
+                kills += 1;
+            }
+            let _ = child.wait();
+            exited
+        } else {
+            let (code, out, err, _) = wait(child, Duration::from_secs(60));
+            assert_eq!(code, 0, "final run\n{out}\n{err}");
+            true
+        };
+        // No request already written before this run was asked again.
+        for g in &fake.generations()[before..] {
+            let id = identity(g.prompt.as_deref().unwrap_or_default(), &g.body["options"]["seed"]);
+            assert!(!written.contains(&id), "asked again for a record written before the kill: {id:?}");
+        }
+        if finished && kills >= 5 {
+            break;
+        }
+    }
+    assert!(kills >= 3, "the kills happened mid-run ({kills})");
+    check_complete(&dir, 24, 2);
+    let manifest: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    let statuses: Vec<&str> = manifest["runs"].as_array().map(|r| r.iter().filter_map(|x| x["status"].as_str()).collect()).unwrap_or_default();
+    assert!(statuses.contains(&"killed"), "killed runs are marked: {statuses:?}");
+    assert_eq!(statuses.last(), Some(&"completed"));
+}
+
+#[test]
+fn sigint_once_lets_requests_in_flight_finish() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(15), ..Default::default() });
+    let dir = Dir::new();
+    let qs = questions(8);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 2\nstop_grace_secs = 30\n".into();
+    dir.write("run.toml", cfg.toml());
+
+    let child = spawn(&dir, &["--config", "run.toml"]);
+    // Wait until two requests are streaming, then Ctrl-C.
+    let start = Instant::now();
+    while fake.generations().len() < 2 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&child, "-INT");
+    let (code, out, err, _) = wait(child, Duration::from_secs(40));
+    assert_eq!(code, 130, "exit 130 after Ctrl-C\n{out}\n{err}");
+    assert!(err.contains("stopping: waiting for"), "the display says it is stopping\n{err}");
+    assert!(out.contains("interrupted by SIGINT"), "{out}");
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    assert!(recs.len() >= 2 && recs.len() < 8, "the requests in flight finished, no new ones began: {}", recs.len());
+    assert_eq!(fake.generations().len(), recs.len(), "nothing dispatched after the signal was left unwritten");
+    let manifest: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    assert_eq!(manifest["runs"][0]["status"], "interrupted");
+
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stdout("already done");
+    check_complete(&dir, 8, 1);
+}
+
+#[test]
+fn sigint_twice_aborts_at_once() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(100), ..Default::default() });
+    let dir = Dir::new();
+    let qs = questions(4);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 2\nstop_grace_secs = 60\n".into();
+    dir.write("run.toml", cfg.toml());
+
+    let child = spawn(&dir, &["--config", "run.toml"]);
+    let start = Instant::now();
+    while fake.generations().len() < 2 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child, "-INT");
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    signal(&child, "-INT");
+    let (code, out, err, _) = wait(child, Duration::from_secs(30));
+    assert_eq!(code, 130, "{out}\n{err}");
+    assert!(t.elapsed() < Duration::from_secs(5), "the second Ctrl-C stops at once, not after the grace period");
+    let manifest: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    assert_eq!(manifest["runs"][0]["status"], "aborted");
+    // Nothing torn; a re-run (with a faster server it would not matter) completes the set.
+    let _ = read_jsonl(&dir.join("out/dataset.jsonl"));
+}
+
+#[test]
+fn torn_files_are_repaired_on_start() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(5);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    let asked = fake.generations().len();
+
+    // A torn JSONL line (written by a crash mid-write): cut off and kept aside, nothing re-asked.
+    let jsonl = dir.join("out/dataset.jsonl");
+    let mut bytes = std::fs::read(&jsonl).expect("read");
+    bytes.extend_from_slice(b"{\"id\":\"r9\",\"sample\":0,\"response\":\"half");
+    std::fs::write(&jsonl, &bytes).expect("write");
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stderr("torn").expect_stdout("nothing to do");
+    assert_eq!(dir.read("out/dataset.jsonl.torn-1"), "{\"id\":\"r9\",\"sample\":0,\"response\":\"half");
+    assert_eq!(fake.generations().len(), asked);
+    check_complete(&dir, 5, 1);
+
+    // A torn CSV record: cut, and the record re-appended from the JSONL.
+    let csv = dir.join("out/dataset.csv");
+    let len = std::fs::metadata(&csv).expect("csv").len();
+    let f = std::fs::OpenOptions::new().write(true).open(&csv).expect("open csv");
+    f.set_len(len - 40).expect("truncate");
+    drop(f);
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stderr("dataset.csv");
+    check_complete(&dir, 5, 1);
+
+    // A crash between the JSONL line and its CSV row, the other way round: the CSV has a record
+    // the JSONL lacks (the JSONL is the truth): the CSV is cut to match and the row runs again.
+    let text = dir.read("out/dataset.jsonl");
+    let keep: String = text.lines().take(4).map(|l| format!("{l}\n")).collect();
+    let dropped: Value = serde_json::from_str(text.lines().nth(4).expect("5th line")).expect("json");
+    std::fs::write(&jsonl, keep).expect("write");
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    check_complete(&dir, 5, 1);
+    let again: Vec<String> = fake.generations()[asked..].iter().filter_map(|g| g.prompt.clone()).collect();
+    assert_eq!(again, vec![dropped["prompt"].as_str().unwrap_or_default().to_owned()], "only the lost row ran again");
+}
+
+#[test]
+fn changed_template_reruns_exactly_the_changed_rows() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(4);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    dir.write("run.toml", cfg.toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    assert_eq!(fake.generations().len(), 4);
+
+    cfg.prompts = "system_text = \"Tu es un élève. Réponds brièvement.\"\ntemplate_text = \"{% if id == 'r2' %}Question{% else %}Q{% endif %}: {{ question }}\"\n".into();
+    dir.write("run.toml", cfg.toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stdout("1 of 1 requests done").expect_stdout("3 of 4 requests were already done");
+    let gens = fake.generations();
+    assert_eq!(gens.len(), 5);
+    assert_eq!(gens[4].prompt.as_deref(), Some(format!("Question: {}", qs[1]).as_str()));
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    assert_eq!(recs.len(), 5, "the old record is kept");
+    let r2: Vec<&Value> = recs.iter().filter(|r| r["id"] == "r2").collect();
+    assert_eq!(r2.len(), 2);
+    assert_ne!(r2[0]["key"], r2[1]["key"]);
+
+    // A third run has nothing to do.
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stdout("nothing to do");
+    assert_eq!(fake.generations().len(), 5);
+}
+
+#[test]
+fn failed_rows_are_retried_next_run_unless_told_not_to() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_questions(&dir, &["fine", "busy [[503x3]]"]);
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "max_retries = 1\nretry_base_delay_ms = 5\n".into();
+    dir.write("run.toml", cfg.toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(3);
+    assert_eq!(dir.jsonl("out/failures.jsonl").len(), 1);
+
+    dir.run(&["--config", "run.toml", "--no-retry-failed"], &[]).expect_code(3).expect_stdout("failed before and skipped");
+    assert_eq!(fake.generations().len(), 3, "--no-retry-failed asks nothing");
+
+    // Attempt 3 is still busy, attempt 4 succeeds.
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    check_complete(&dir, 2, 1);
+    dir.run(&["--config", "run.toml", "--no-retry-failed"], &[]).expect_code(0).expect_stdout("nothing to do");
+}
+
+#[test]
+fn redo_truncated_replaces_length_records() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_questions(&dir, &["fine", "cut once [[lengthx1]]"]);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0).expect_stdout("nothing to do");
+    dir.run(&["--config", "run.toml", "--redo-truncated"], &[]).expect_code(0).expect_stdout("1 of 1 requests done");
+    let recs = dir.jsonl("out/dataset.jsonl");
+    let r2: Vec<&Value> = recs.iter().filter(|r| r["id"] == "r2").collect();
+    assert_eq!(r2.len(), 2);
+    assert_eq!(r2[0]["done_reason"], "length");
+    assert_eq!(r2[1]["done_reason"], "stop", "the newer record is the one that counts");
+    dir.run(&["--config", "run.toml", "--redo-truncated"], &[]).expect_code(0).expect_stdout("nothing to do");
+}
+
+#[test]
+fn fresh_moves_the_old_folder_aside() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_questions(&dir, &["a", "b"]);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    dir.run(&["--config", "run.toml", "--fresh"], &[]).expect_code(0).expect_stderr("out.old-1");
+    assert_eq!(read_jsonl(&dir.join("out.old-1/dataset.jsonl")).len(), 2, "the old data is kept");
+    check_complete(&dir, 2, 1);
+    assert_eq!(fake.generations().len(), 4);
+}
+
+#[test]
+fn full_disk_stops_the_run_and_keeps_what_was_written() {
+    // A 48 KiB tmpfs in a private mount namespace: nothing leaks out of the test.
+    let probe = Command::new("unshare").args(["-rm", "true"]).status();
+    if !probe.map(|s| s.success()).unwrap_or(false) {
+        eprintln!("full_disk test SKIPPED: it needs `unshare -rm` (mount namespaces) to make a small disk");
+        return;
+    }
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(60);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.output = "dir = \"disk/out\"\n".into();
+    cfg.run = "concurrency = 2\n".into();
+    dir.write("run.toml", cfg.toml());
+    std::fs::create_dir_all(dir.join("disk")).expect("mkdir");
+    std::fs::create_dir_all(dir.join("saved")).expect("mkdir");
+    let script = format!(
+        "mount -t tmpfs -o size=48k tmpfs disk && {BIN} --config run.toml; code=$?; cp -r disk/out saved/; exit $code"
+    );
+    let out = Command::new("unshare").args(["-rm", "sh", "-c", &script]).current_dir(dir.path()).env_remove("OLLAMA_HOST").output().expect("unshare");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "exit 1 on a full disk\n{stdout}\n{stderr}");
+    assert!(stderr.contains("No space left") && stderr.contains("dataset"), "says why\n{stderr}");
+    let recs = read_jsonl(&dir.join("saved/out/dataset.jsonl")); // every line whole
+    assert!(!recs.is_empty() && recs.len() < 60, "{} records", recs.len());
+    for r in &recs {
+        assert_eq!(r["response"].as_str(), Some(expected_response(r["prompt"].as_str().unwrap_or_default()).as_str()));
+    }
+    let (_, csv_rows) = read_csv(&dir.join("saved/out/dataset.csv"));
+    assert!(csv_rows.len() <= recs.len());
+}
