@@ -26,8 +26,8 @@ pub enum Event {
     Done { job: JobId, completion_tokens: u64 },
     /// The request failed for good.
     Failed { job: JobId, label: String, error: String },
-    /// The run is winding down (Ctrl-C, fatal error): say why.
-    Stopping { message: String },
+    /// No new requests will start (Ctrl-C); those in flight may finish until `deadline`.
+    Stopping { signal: String, deadline: Instant },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -55,7 +55,8 @@ pub struct ProgressView {
     pub completion_tokens: u64,
     pub retries: u64,
     pub in_flight: BTreeMap<JobId, InFlight>,
-    pub stopping: Option<String>,
+    /// Set once a stop was asked for: the signal and the end of the grace period.
+    pub stopping: Option<(String, Instant)>,
 }
 
 const TAIL_CHARS: usize = 160;
@@ -114,7 +115,7 @@ impl ProgressView {
                 self.failed += 1;
                 self.in_flight.remove(job);
             }
-            Event::Stopping { message } => self.stopping = Some(message.clone()),
+            Event::Stopping { signal, deadline } => self.stopping = Some((signal.clone(), *deadline)),
         }
     }
 
@@ -137,6 +138,18 @@ impl ProgressView {
         let rate = self.rows_per_sec();
         let left = self.total.saturating_sub(self.finished());
         (rate > 0.0 && self.finished() > 0).then(|| Duration::from_secs_f64(left as f64 / rate))
+    }
+
+    /// What a stop in progress waits for, or None.
+    pub fn stopping_line(&self) -> Option<String> {
+        let (_, deadline) = self.stopping.as_ref()?;
+        let n = self.in_flight.len();
+        let left = deadline.saturating_duration_since(Instant::now());
+        Some(format!(
+            "stopping: waiting for {n} request{} (≤{}), Ctrl-C again to abort",
+            if n == 1 { "" } else { "s" },
+            format_duration(left)
+        ))
     }
 
     /// One line: counts, rates, ETA.
@@ -258,7 +271,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                         (None, Event::Failed { label, error, .. }) if mode == DisplayMode::Plain => {
                             eprintln!("failed: {label}: {error}");
                         }
-                        (None, Event::Stopping { message }) if mode == DisplayMode::Plain => eprintln!("{message}"),
+                        (None, Event::Stopping { .. }) if mode == DisplayMode::Plain => {
+                            eprintln!("{}", view.stopping_line().unwrap_or_default());
+                        }
                         _ => {}
                     }
                 }
@@ -293,9 +308,9 @@ impl Bars {
         let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         let overall_tpl = if color {
-            "{spinner:.green} [{elapsed_precise}] [{bar:30.cyan/blue}] {pos}/{len} {wide_msg}"
+            "{spinner:.green} [{elapsed_precise}] [{bar:24.cyan/blue}] {pos}/{len} {wide_msg}"
         } else {
-            "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} {wide_msg}"
+            "{spinner} [{elapsed_precise}] [{bar:24}] {pos}/{len} {wide_msg}"
         };
         let line_tpl = if color { "  {prefix:.bold.dim} {msg}" } else { "  {prefix} {msg}" };
         let overall = multi.add(ProgressBar::new(0));
@@ -333,16 +348,9 @@ impl Bars {
     fn redraw(&mut self, view: &ProgressView) {
         let cols = usize::from(console::Term::stderr().size().1).max(20);
         let eta = view.eta().map(format_duration).unwrap_or_else(|| "?".into());
-        let mut msg = format!(
-            "failed {} · {:.2} rows/s · {:.1} tok/s · ETA {}",
-            view.failed,
-            view.rows_per_sec(),
-            view.tokens_per_sec(),
-            eta
-        );
-        if let Some(s) = &view.stopping {
-            msg = format!("{s} · {msg}");
-        }
+        let msg = view.stopping_line().unwrap_or_else(|| {
+            format!("failed {} · {:.2} rows/s · {:.1} tok/s · ETA {}", view.failed, view.rows_per_sec(), view.tokens_per_sec(), eta)
+        });
         self.overall.set_message(msg);
         self.overall.tick();
         for (job, bar) in &self.lines {

@@ -519,12 +519,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             std::task::Poll::Ready(None)
         }
     });
-    // Jobs taken so far; minus those finished, the requests in flight.
-    let taken = Arc::new(AtomicU64::new(0));
-    let counter = taken.clone();
     let mut results = jobs
         .map(move |job| {
-            counter.fetch_add(1, Ordering::SeqCst);
             let ctx = ctx.clone();
             async move {
                 match job {
@@ -565,10 +561,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
                 if !writer.send(item) {
                     break; // the writer stopped on an error: `finish` says which
                 }
-                if stop.is_some() {
-                    let in_flight = taken.load(Ordering::SeqCst).saturating_sub(done + failed);
-                    let _ = ev_tx.send(Event::Stopping { message: stopping_message(in_flight, deadline) });
-                }
                 if manifest_at.elapsed() >= Duration::from_secs(10) {
                     tally(&mut m, &plan, done, failed, tokens);
                     if let Err(e) = m.write(&paths.manifest) {
@@ -584,8 +576,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
                     dispatching.store(false, Ordering::SeqCst);
                     deadline = tokio::time::Instant::now() + grace;
                     tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
-                    let in_flight = taken.load(Ordering::SeqCst).saturating_sub(done + failed);
-                    let _ = ev_tx.send(Event::Stopping { message: stopping_message(in_flight, deadline) });
+                    let _ = ev_tx.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
                 } else {
                     tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
                     aborted = true;
@@ -633,15 +624,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
 
     print_summary(&cfg, &paths, &m, &plan, view.as_ref().map(|v| v.started.elapsed()), stop);
     Ok(Outcome { failed: failed + plan.skipped_failed, interrupted: stop.is_some() })
-}
-
-fn stopping_message(in_flight: u64, deadline: tokio::time::Instant) -> String {
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    format!(
-        "stopping: waiting for {in_flight} request{} in flight (at most {}), Ctrl-C again to abort",
-        if in_flight == 1 { "" } else { "s" },
-        progress::format_duration(left)
-    )
 }
 
 fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, elapsed: Option<Duration>, stop: Option<&str>) {
