@@ -149,7 +149,7 @@ pub struct CsvFile {
 }
 
 /// One CSV record (with its line terminator) as bytes.
-fn csv_bytes<I, T>(fields: I) -> io::Result<Vec<u8>>
+pub fn csv_bytes<I, T>(fields: I) -> io::Result<Vec<u8>>
 where
     I: IntoIterator<Item = T>,
     T: AsRef<[u8]>,

@@ -5,8 +5,10 @@
 pub mod backend;
 pub mod config;
 pub mod dataset;
+pub mod export;
 pub mod framing;
 pub mod input;
+pub mod inspect;
 pub mod manifest;
 pub mod progress;
 pub mod record;

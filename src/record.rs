@@ -5,8 +5,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// One finished response. Field order is the JSONL and CSV column order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One finished response. Field order is the JSONL and CSV column order. Reading is lenient
+/// (absent fields take their defaults) so that a CSV, which has no `input`, reads back too.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Record {
     pub id: String,
     /// 0-based sample index.

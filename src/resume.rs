@@ -129,47 +129,47 @@ fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, mut each: impl FnMut(
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let v = serde_json::from_slice::<T>(&buf)
-            .map_err(|e| ResumeError::BadLine { path: path.to_owned(), line, message: e.to_string() })?;
-        each(v, line);
+        match serde_json::from_slice::<T>(&buf) {
+            Ok(v) => each(v, line),
+            // An unterminated last line is torn: `load` cuts it when it may write; else it is no record.
+            Err(_) if buf.last() != Some(&b'\n') => return Ok(()),
+            Err(e) => return Err(ResumeError::BadLine { path: path.to_owned(), line, message: e.to_string() }),
+        }
     }
 }
 
-/// Repairs the folder's files and reads what they hold.
-pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
-    let mut prior = Prior::default();
-    let has_jsonl = formats.contains(&OutputFormat::Jsonl);
-    let has_csv = formats.contains(&OutputFormat::Csv);
-    for p in [&paths.jsonl, &paths.failures] {
-        prior.repairs.extend(cut_torn_tail(p)?);
+/// Whether a file's last byte is not a newline (a torn last line).
+fn has_torn_tail(path: &Path) -> Result<bool, ResumeError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.len() > 0 => Ok(!ends_with_newline(path, m.len())?),
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(io_err(path)(e)),
     }
+}
 
-    let mut order: Vec<u128> = Vec::new();
+/// Reads the keys of the dataset's records and failures; with `order`, also each record's key in
+/// file order (0 for a record without one), for reconciling the CSV.
+fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>) -> Result<Prior, ResumeError> {
+    let mut prior = Prior::default();
     let mut last_reason: HashMap<u128, bool> = HashMap::new();
-    let mut note = |key: Option<u128>, truncated: bool, prior: &mut Prior| {
+    let mut order = order;
+    let mut note = |key: Option<u128>, truncated: bool| {
         prior.records += 1;
+        if let Some(o) = order.as_deref_mut() {
+            o.push(key.unwrap_or(0));
+        }
         if let Some(k) = key {
             prior.done.insert(k);
             last_reason.insert(k, truncated);
         }
     };
-    if has_jsonl || paths.jsonl.exists() {
-        read_jsonl::<Record>(&paths.jsonl, |r, _| {
-            let key = parse_key(&r.key);
-            order.push(key.unwrap_or(0));
-            note(key, r.done_reason.as_deref() == Some("length"), &mut prior);
-        })?;
-        if has_csv {
-            if let Some(msg) = reconcile_csv(&paths.csv, &paths.jsonl, &order)? {
-                prior.repairs.push(msg);
-            }
+    if csv_only {
+        for (key, _, reason) in csv_keys(&paths.csv)? {
+            note(key, reason.as_deref() == Some("length"));
         }
-    } else if has_csv {
-        // CSV only: it is the truth; only its tail can be torn.
-        prior.repairs.extend(cut_torn_csv(&paths.csv)?);
-        for (key, reason) in csv_keys(&paths.csv)?.into_iter().map(|(k, _, r)| (k, r)) {
-            note(key, reason.as_deref() == Some("length"), &mut prior);
-        }
+    } else {
+        read_jsonl::<Record>(&paths.jsonl, |r, _| note(parse_key(&r.key), r.done_reason.as_deref() == Some("length")))?;
     }
     prior.truncated = last_reason.into_iter().filter(|(_, t)| *t).map(|(k, _)| k).collect();
     read_jsonl::<Failure>(&paths.failures, |f, _| {
@@ -178,6 +178,45 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, Resu
         }
     })?;
     prior.failed.retain(|k| !prior.done.contains(k));
+    Ok(prior)
+}
+
+/// Whether the CSV is the only dataset file (no JSONL configured or present).
+fn csv_only(paths: &OutputPaths, formats: &[OutputFormat]) -> bool {
+    !formats.contains(&OutputFormat::Jsonl) && formats.contains(&OutputFormat::Csv) && !paths.jsonl.exists()
+}
+
+/// Reads what the folder holds without changing anything (for a dry run): torn tails are
+/// noted, not cut, and the CSV is not reconciled.
+pub fn scan(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+    let mut notes = Vec::new();
+    for p in [&paths.jsonl, &paths.failures] {
+        if has_torn_tail(p)? {
+            notes.push(format!("{}: has a torn last line; a run will cut it off and keep it aside", p.display()));
+        }
+    }
+    let mut prior = read_back(paths, csv_only(paths, formats), None)?;
+    prior.repairs = notes;
+    Ok(prior)
+}
+
+/// Repairs the folder's files and reads what they hold.
+pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+    let mut repairs = Vec::new();
+    for p in [&paths.jsonl, &paths.failures] {
+        repairs.extend(cut_torn_tail(p)?);
+    }
+    let only_csv = csv_only(paths, formats);
+    if only_csv {
+        // The CSV is the truth; only its tail can be torn.
+        repairs.extend(cut_torn_csv(&paths.csv)?);
+    }
+    let mut order = Vec::new();
+    let mut prior = read_back(paths, only_csv, Some(&mut order))?;
+    if !only_csv && formats.contains(&OutputFormat::Csv) {
+        repairs.extend(reconcile_csv(&paths.csv, &paths.jsonl, &order)?);
+    }
+    prior.repairs = repairs;
     Ok(prior)
 }
 

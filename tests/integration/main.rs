@@ -5,5 +5,7 @@ mod fake_ollama;
 mod util;
 
 mod errors;
+mod inspect;
+mod memory;
 mod pipeline;
 mod resume;

@@ -1,24 +1,48 @@
 //! `data_generator --config run.toml`: parse the command line, load the config, run, exit code.
+//! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`.
 
 mod ollama_client;
 mod pipeline;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
-use data_generator::config::{self, Overrides};
+use clap::{Args, Parser, Subcommand};
+use data_generator::config::{self, Config, Overrides};
 use data_generator::dataset;
+use data_generator::export::{self, ExportFormat, Filters};
+use data_generator::inspect::{self, InspectOptions, Source};
 use data_generator::progress::DisplayMode;
 
 /// Turn a batch of prompts into a training dataset by streaming completions from a local LLM server.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a config (the same as without a subcommand).
+    Run(RunArgs),
+    /// Dry run: check the config, input, templates, output folder, server and model; send nothing.
+    Check(ConfigArgs),
+    /// What a dataset holds: counts, done reasons, distributions, quality checks, samples.
+    Inspect(InspectArgs),
+    /// Write the dataset for a trainer: chat messages, ShareGPT, Alpaca, JSONL or CSV.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
     /// The run config (TOML).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, short = 'c', value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Output folder (default: the config's output.dir, else output/<name>/).
     #[arg(long, short = 'o', value_name = "DIR")]
     output: Option<PathBuf>,
@@ -34,6 +58,12 @@ struct Cli {
     /// Server URL (overrides backend.url and OLLAMA_HOST).
     #[arg(long)]
     url: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Progress display: bars on a terminal, plain lines otherwise (auto), or forced.
     #[arg(long, value_enum, default_value_t = DisplayMode::Auto)]
     progress: DisplayMode,
@@ -48,6 +78,62 @@ struct Cli {
     redo_truncated: bool,
 }
 
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// An output folder, a dataset.jsonl or a dataset.csv.
+    path: PathBuf,
+    /// Tell the records that match this config's requests from stale ones.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Show N records chosen at random (repeatable with --seed).
+    #[arg(long, value_name = "N")]
+    sample: Option<usize>,
+    /// Seed for --sample.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Show the records of this id.
+    #[arg(long)]
+    id: Option<String>,
+    /// Print the figures as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    /// An output folder, a dataset.jsonl or a dataset.csv.
+    path: PathBuf,
+    #[arg(long, short = 'f', value_enum)]
+    format: ExportFormat,
+    /// Output file, written atomically; `-` or none for stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Only the records that match this config's requests.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Keep only records with this done_reason (repeatable), e.g. `stop`.
+    #[arg(long, value_name = "REASON")]
+    only_done_reason: Vec<String>,
+    /// Drop responses shorter than this many characters.
+    #[arg(long, value_name = "N")]
+    min_chars: Option<usize>,
+    /// Drop responses longer than this many characters.
+    #[arg(long, value_name = "N")]
+    max_chars: Option<usize>,
+    /// Drop exact duplicate responses (the first is kept).
+    #[arg(long)]
+    dedupe: bool,
+    /// Put thinking text before the answer as <think>...</think> (chat and Alpaca formats).
+    #[arg(long)]
+    include_thinking: bool,
+    /// Alpaca: the input-row field for `instruction` (default: the rendered prompt).
+    #[arg(long, value_name = "FIELD")]
+    instruction_field: Option<String>,
+    /// Alpaca: the input-row field for `input` (default: empty).
+    #[arg(long, value_name = "FIELD")]
+    input_field: Option<String>,
+}
+
 /// Exit codes of the design brief.
 const EXIT_FATAL: u8 = 1;
 const EXIT_SOME_FAILED: u8 = 3;
@@ -55,7 +141,14 @@ const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        None => run(cli.run),
+        Some(Command::Run(args)) => run(args),
+        Some(Command::Check(args)) => check(args),
+        Some(Command::Inspect(args)) => inspect(args),
+        Some(Command::Export(args)) => export(args),
+    };
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("Error: {e:#}");
@@ -64,30 +157,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+fn load_config(args: ConfigArgs) -> anyhow::Result<Config> {
+    let path = args.config.context("--config FILE is required")?;
     let overrides = Overrides {
-        output: cli.output,
-        limit: cli.limit,
-        concurrency: cli.concurrency.map(|c| c as usize),
-        model: cli.model,
-        url: cli.url,
+        output: args.output,
+        limit: args.limit,
+        concurrency: args.concurrency.map(|c| c as usize),
+        model: args.model,
+        url: args.url,
     };
     let host = std::env::var("OLLAMA_HOST").ok();
-    let cfg = config::load(&cli.config, &overrides, host.as_deref())?;
-    if cli.fresh {
+    Ok(config::load(&path, &overrides, host.as_deref())?)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let cfg = load_config(args.config)?;
+    if args.fresh {
         let moved = dataset::move_aside(&cfg.output_dir)
             .with_context(|| format!("--fresh: cannot move {} aside", cfg.output_dir.display()))?;
         if let Some(to) = moved {
             eprintln!("--fresh: moved the old {} to {}", cfg.output_dir.display(), to.display());
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let opts = pipeline::RunOptions {
-        display: cli.progress,
-        retry_failed: !cli.no_retry_failed,
-        redo_truncated: cli.redo_truncated,
+        display: args.progress,
+        retry_failed: !args.no_retry_failed,
+        redo_truncated: args.redo_truncated,
     };
-    let outcome = runtime.block_on(pipeline::run(cfg, opts))?;
+    let outcome = runtime()?.block_on(pipeline::run(cfg, opts))?;
     Ok(if outcome.interrupted {
         EXIT_INTERRUPTED
     } else if outcome.failed > 0 {
@@ -95,4 +196,110 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     } else {
         0
     })
+}
+
+fn check(args: ConfigArgs) -> anyhow::Result<u8> {
+    let cfg = load_config(args)?;
+    runtime()?.block_on(pipeline::check(cfg))?;
+    Ok(0)
+}
+
+/// Keys of a config's requests (for inspect and export `--config`).
+fn config_keys(path: Option<&Path>) -> anyhow::Result<Option<std::collections::HashSet<u128>>> {
+    let Some(path) = path else { return Ok(None) };
+    let host = std::env::var("OLLAMA_HOST").ok();
+    let cfg = config::load(path, &Overrides::default(), host.as_deref())?;
+    Ok(Some(pipeline::request_keys(&cfg)?))
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<u8> {
+    let src = Source::locate(&args.path)?;
+    let opts = InspectOptions {
+        sample: args.sample.unwrap_or(0),
+        seed: args.seed,
+        id: args.id,
+        current_keys: config_keys(args.config.as_deref())?,
+    };
+    let report = inspect::inspect(&src, &opts)?;
+    let text = if args.json { serde_json::to_string_pretty(&report)? + "\n" } else { report.to_text() };
+    write_stdout(text.as_bytes())?;
+    Ok(0)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<u8> {
+    let src = Source::locate(&args.path)?;
+    let filters = Filters {
+        done_reasons: args.only_done_reason,
+        min_chars: args.min_chars,
+        max_chars: args.max_chars,
+        dedupe: args.dedupe,
+        include_thinking: args.include_thinking,
+        instruction_field: args.instruction_field,
+        input_field: args.input_field,
+        keys: config_keys(args.config.as_deref())?,
+    };
+    let to_file = args.output.as_ref().filter(|p| p.as_os_str() != "-");
+    let stats = match to_file {
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match export::export(&src, args.format, &filters, &mut out, Path::new("stdout")) {
+                Err(e) if export::is_broken_pipe(&e) => return Ok(0),
+                r => r?,
+            }
+        }
+        Some(path) => {
+            // Atomic: a temp file beside the target, renamed over it once complete.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("export");
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+            let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            let result = export::export(&src, args.format, &filters, &mut out, path).and_then(|s| {
+                let file = out.into_inner().map_err(|e| export::ExportError::Write { path: path.clone(), source: e.into_error() })?;
+                file.sync_all().map_err(|source| export::ExportError::Write { path: path.clone(), source })?;
+                Ok(s)
+            });
+            let stats = match result {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            };
+            std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+            stats
+        }
+    };
+    let dest = to_file.map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into());
+    let mut skipped = Vec::new();
+    for (n, what) in [
+        (stats.superseded, "superseded by a newer record"),
+        (stats.other_config, "made by another config"),
+        (stats.filtered, "filtered out"),
+        (stats.duplicates, "duplicate responses"),
+    ] {
+        if n > 0 {
+            skipped.push(format!("{n} {what}"));
+        }
+    }
+    eprintln!(
+        "exported {} of {} records to {dest}{}",
+        stats.written,
+        stats.read,
+        if skipped.is_empty() { String::new() } else { format!(" (skipped: {})", skipped.join(", ")) }
+    );
+    if let Some(m) = stats.malformed.first() {
+        eprintln!("warning: {} malformed lines skipped (first: line {}: {})", stats.malformed.len(), m.line, m.error);
+    }
+    Ok(0)
 }

@@ -664,3 +664,89 @@ fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, e
     println!("  manifest: {}", paths.manifest.display());
     println!("  log:      {}", paths.log.display());
 }
+
+/// Keys of every request a config asks for (what counts, for `inspect` and `export`).
+pub fn request_keys(cfg: &Config) -> anyhow::Result<std::collections::HashSet<u128>> {
+    let planner = Planner::new(cfg)?;
+    let mut keys = std::collections::HashSet::new();
+    for row in rows(cfg)? {
+        let row = row?;
+        let prompt = planner.render(&row)?;
+        for sample in 0..cfg.run().samples_per_prompt {
+            keys.extend(resume::parse_key(&planner.job(0, &row, &prompt, sample).key));
+        }
+    }
+    Ok(keys)
+}
+
+/// Whether files can be created in `dir` (or, if it does not exist yet, in the folder that
+/// would hold it); tried with a temporary file that is removed at once.
+fn check_writable(dir: &Path) -> anyhow::Result<()> {
+    let mut probe_dir = dir;
+    while !probe_dir.exists() {
+        match probe_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe_dir = p,
+            _ => {
+                probe_dir = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !probe_dir.is_dir() {
+        anyhow::bail!("{} is not a folder, so {} cannot be created", probe_dir.display(), dir.display());
+    }
+    let probe = probe_dir.join(format!(".data_generator-check-{}", std::process::id()));
+    std::fs::File::create(&probe).with_context(|| format!("cannot write in {}", probe_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The dry run: everything `run` checks before its first request, and nothing written.
+pub async fn check(cfg: Config) -> anyhow::Result<()> {
+    let paths = OutputPaths::new(&cfg.output_dir);
+    let planner = Planner::new(&cfg)?;
+    let prior = resume::scan(&paths, &cfg.raw.output.formats)?;
+    let opts = RunOptions { display: DisplayMode::None, retry_failed: true, redo_truncated: false };
+    let plan = check_input(&planner, &prior, &opts)?;
+    let samples = cfg.run().samples_per_prompt;
+    println!("config:  {} is valid", cfg.path.display());
+    println!(
+        "input:   {}: {} rows × {} sample{} = {} requests",
+        cfg.input_path.display(),
+        plan.rows,
+        samples,
+        if samples == 1 { "" } else { "s" },
+        plan.requests
+    );
+    println!("first prompts:");
+    for row in rows(&cfg)?.take(3) {
+        let row = row?;
+        let prompt = planner.render(&row)?;
+        println!("  ── row {} (line {}) ──", row.id, row.line);
+        for line in prompt.lines() {
+            println!("  │ {line}");
+        }
+    }
+    check_writable(&paths.dir)?;
+    println!(
+        "output:  {}: {} already done, {} to run{}",
+        paths.dir.display(),
+        plan.already_done,
+        plan.to_run,
+        if prior.failed.is_empty() { String::new() } else { format!(" ({} failed before: they will be retried)", prior.failed.len()) }
+    );
+    for note in &prior.repairs {
+        println!("  note: {note}");
+    }
+    let client = OllamaClient::new(&cfg)?;
+    let server = client.check().await?;
+    println!(
+        "server:  Ollama {} at {}; model {} is there{}",
+        server.version.as_deref().unwrap_or("(unknown version)"),
+        cfg.url,
+        cfg.backend().model,
+        if server.capabilities.is_empty() { String::new() } else { format!(" ({})", server.capabilities.join(", ")) }
+    );
+    println!("ready:   the run would make {} requests", plan.to_run);
+    Ok(())
+}
