@@ -1,7 +1,43 @@
 //! What every model-server client gives the pipeline: a stream of [`Chunk`]s per reply, and
-//! errors that say whether another attempt could succeed. The wire formats live in the clients.
+//! errors that say whether another attempt could succeed. The wire formats live in the clients
+//! (`ollama_client.rs`, `openai_client.rs`), both behind [`ModelClient`].
 
 use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use serde_json::{Map, Value};
+
+/// One request: what the pipeline asks of any backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub system: Option<&'a str>,
+    pub prompt: &'a str,
+    /// Sampling options in Ollama's names; a client maps them to its wire names.
+    pub options: &'a Map<String, Value>,
+}
+
+/// A reply: chunks ending in `Chunk::Done`, or an error item.
+pub type ChunkStream = BoxStream<'static, Result<Chunk, ClientError>>;
+
+/// What the startup check learnt about a server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerInfo {
+    pub version: Option<String>,
+    pub capabilities: Vec<String>,
+}
+
+/// A model server. Implementations are cheap to share between concurrent requests.
+pub trait ModelClient: Send + Sync {
+    /// The endpoint, for records, logs and the display.
+    fn url(&self) -> &str;
+    /// `ollama` or `openai`.
+    fn kind(&self) -> &'static str;
+    /// Before the first request: the server answers and has the model.
+    fn check(&self) -> BoxFuture<'_, Result<ServerInfo, ClientError>>;
+    /// Sends one request; the reply streams.
+    fn stream<'a>(&'a self, req: Request<'a>) -> BoxFuture<'a, Result<ChunkStream, ClientError>>;
+}
 
 /// One piece of a streamed reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +59,8 @@ pub struct Stats {
     pub total_duration_ns: Option<u64>,
     pub load_duration_ns: Option<u64>,
     pub eval_duration_ns: Option<u64>,
+    /// The server sent no token counts; `completion_tokens` counts the streamed pieces instead.
+    pub completion_tokens_estimated: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +83,9 @@ pub enum ClientError {
     Decode { message: String, start: String },
     #[error("{0}")]
     Frame(String),
+    /// The startup check failed; the message says what to do.
+    #[error("{0}")]
+    Check(String),
 }
 
 impl ClientError {
@@ -53,7 +94,7 @@ impl ClientError {
     pub fn retryable(&self) -> bool {
         match self {
             ClientError::Status { status, .. } => matches!(status, 408 | 409 | 429) || *status >= 500,
-            ClientError::ModelNotFound { .. } | ClientError::Frame(_) => false,
+            ClientError::ModelNotFound { .. } | ClientError::Frame(_) | ClientError::Check(_) => false,
             _ => true,
         }
     }
@@ -64,5 +105,134 @@ impl ClientError {
             ClientError::Status { retry_after, .. } => *retry_after,
             _ => None,
         }
+    }
+}
+
+/// `Retry-After` (seconds) or `retry-after-ms`, as servers say when to come back.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok());
+    let secs = get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after"))?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+/// The message of an error body: `{"error":"..."}`, `{"error":{"message":...}}`, or the text.
+pub fn error_message(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        match v.get("error") {
+            Some(Value::String(s)) => return s.clone(),
+            Some(Value::Object(o)) => {
+                if let Some(Value::String(s)) = o.get("message") {
+                    return s.clone();
+                }
+            }
+            _ => {}
+        }
+        if let Some(Value::String(s)) = v.get("message").or_else(|| v.get("detail")) {
+            return s.clone();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        "(no body)".to_owned()
+    } else {
+        text.chars().take(300).collect()
+    }
+}
+
+/// An error with its causes, `a: b: c`, as reqwest hides the useful part in the source chain.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = inner.source();
+    }
+    s
+}
+
+/// Turns a reqwest send error into a client error.
+pub fn send_error(url: &str, e: &reqwest::Error) -> ClientError {
+    if e.is_connect() || e.is_timeout() {
+        ClientError::Connect { url: url.to_owned(), message: error_chain(e) }
+    } else {
+        ClientError::Body(error_chain(e))
+    }
+}
+
+/// Reply bytes with a limit on the silence between them: a stall ends the stream with an
+/// [`ClientError::Idle`]-shaped I/O error (kind `TimedOut`, see [`idle_error`]).
+pub fn idle_bytes<S>(body: S, idle: Duration) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send
+where
+    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(Some(Box::pin(body)), move |state| async move {
+        let mut body = state?;
+        match tokio::time::timeout(idle, body.next()).await {
+            Err(_) => Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, IdleMarker(idle))), None)),
+            Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(error_chain(&e))), None)),
+            Ok(None) => None,
+        }
+    })
+}
+
+#[derive(Debug)]
+struct IdleMarker(Duration);
+impl std::fmt::Display for IdleMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no data for {:?}", self.0)
+    }
+}
+impl std::error::Error for IdleMarker {}
+
+/// A framing error as a client error: a stall, a broken connection, an overlong line.
+pub fn frame_error(e: crate::framing::FrameError) -> ClientError {
+    use crate::framing::FrameError;
+    match e {
+        FrameError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            match e.get_ref().and_then(|i| i.downcast_ref::<IdleMarker>()) {
+                Some(IdleMarker(d)) => ClientError::Idle(*d),
+                None => ClientError::Body(e.to_string()),
+            }
+        }
+        FrameError::Io(e) => ClientError::Body(e.to_string()),
+        e @ FrameError::LineTooLong { .. } => ClientError::Frame(e.to_string()),
+    }
+}
+
+/// Reply bytes framed into lines.
+pub fn lines<S>(bytes: S) -> tokio_util::codec::FramedRead<tokio_util::io::StreamReader<std::pin::Pin<Box<S>>, bytes::Bytes>, crate::framing::LineCodec>
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>>,
+{
+    tokio_util::codec::FramedRead::new(tokio_util::io::StreamReader::new(Box::pin(bytes)), crate::framing::LineCodec::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(error_message(br#"{"error":"model 'x' not found"}"#), "model 'x' not found");
+        assert_eq!(error_message(br#"{"error":{"message":"bad","type":"x","code":null}}"#), "bad");
+        assert_eq!(error_message(b""), "(no body)");
+        assert_eq!(error_message(b"plain"), "plain");
+    }
+
+    #[test]
+    fn retry_after_headers() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", "250".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
     }
 }

@@ -65,7 +65,12 @@ pub enum OllamaApi {
 pub struct BackendConfig {
     pub kind: BackendKind,
     /// Server address; for Ollama, absent means `$OLLAMA_HOST` by Ollama's rules, else localhost.
+    /// For `openai`, the API base as OpenAI SDKs take it (`http://127.0.0.1:8000/v1`).
     pub url: Option<String>,
+    /// Several servers of the same model, each with `run.concurrency` requests in flight.
+    pub urls: Option<Vec<String>>,
+    /// Several servers, each with its own `concurrency`.
+    pub endpoints: Option<Vec<EndpointConfig>>,
     pub model: String,
     #[serde(default)]
     pub api: OllamaApi,
@@ -75,6 +80,52 @@ pub struct BackendConfig {
     pub think: Option<Value>,
     /// Name of the environment variable that holds an API key (never the key itself).
     pub api_key_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub url: String,
+    /// Requests in flight on this server (default: `run.concurrency`).
+    pub concurrency: Option<usize>,
+}
+
+/// A server the run sends requests to, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub url: String,
+    pub concurrency: usize,
+}
+
+/// `--shard K/N`: this machine runs the rows whose id hashes to K of N (K from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u64,
+    pub count: u64,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Shard, String> {
+        let (k, n) = s.split_once('/').ok_or_else(|| format!("{s:?}: write K/N, e.g. 0/4 (K counts from 0)"))?;
+        let index: u64 = k.trim().parse().map_err(|_| format!("{k:?} is not a whole number"))?;
+        let count: u64 = n.trim().parse().map_err(|_| format!("{n:?} is not a whole number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: K must be from 0 to N-1 (K counts from 0)"));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+impl Shard {
+    /// Whether a row belongs to this shard: a stable hash of its id, so every machine agrees.
+    pub fn has(&self, id: &str) -> bool {
+        crate::record::fnv1a64(&[id.as_bytes()]) % self.count == self.index
+    }
+
+    pub fn folder(&self) -> String {
+        format!("shard-{}-of-{}", self.index, self.count)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -163,6 +214,7 @@ pub struct Overrides {
     pub concurrency: Option<usize>,
     pub model: Option<String>,
     pub url: Option<String>,
+    pub shard: Option<Shard>,
 }
 
 /// A checked configuration, ready to run: paths resolved, prompt texts loaded.
@@ -172,7 +224,11 @@ pub struct Config {
     pub path: PathBuf,
     /// The file's contents after overrides (for the manifest).
     pub raw: RunConfig,
-    pub url: String,
+    /// The servers, at least one.
+    pub endpoints: Vec<Endpoint>,
+    /// The API key read from `backend.api_key_env` (never written anywhere).
+    pub api_key: Option<String>,
+    pub shard: Option<Shard>,
     pub system: Option<String>,
     pub template: String,
     /// Where the template came from, for error messages.
@@ -195,21 +251,41 @@ impl Config {
     pub fn options(&self) -> &Map<String, Value> {
         &self.raw.options
     }
+    /// The servers' URLs, comma-separated, for messages.
+    pub fn urls(&self) -> String {
+        self.endpoints.iter().map(|e| e.url.as_str()).collect::<Vec<_>>().join(", ")
+    }
+    /// Requests in flight over all servers.
+    pub fn total_concurrency(&self) -> usize {
+        self.endpoints.iter().map(|e| e.concurrency).sum()
+    }
 }
 
 /// Reads, parses, overrides, validates and resolves a config file.
 /// `env_host` is the value of `OLLAMA_HOST` (passed in so that tests need not touch the environment).
 pub fn load(path: &Path, overrides: &Overrides, env_host: Option<&str>) -> Result<Config, ConfigError> {
+    load_with_env(path, overrides, &|name| match name {
+        "OLLAMA_HOST" => env_host.map(str::to_owned),
+        other => std::env::var(other).ok(),
+    })
+}
+
+/// [`load`] with the environment given as a function (for tests).
+pub fn load_with_env(path: &Path, overrides: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     let mut raw: RunConfig = toml::from_str(&text)
         .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
     apply_overrides(&mut raw, overrides);
-    let mut cfg = resolve(path, raw, env_host)?;
+    let mut cfg = resolve(path, raw, env)?;
     if let Some(dir) = &overrides.output {
         // As the user typed it: relative to the working directory.
         cfg.output_dir = dir.clone();
         cfg.raw.output.dir = Some(dir.clone());
+    }
+    if let Some(shard) = overrides.shard {
+        cfg.output_dir = cfg.output_dir.join(shard.folder());
+        cfg.shard = Some(shard);
     }
     Ok(cfg)
 }
@@ -226,10 +302,12 @@ fn apply_overrides(raw: &mut RunConfig, o: &Overrides) {
     }
     if let Some(u) = &o.url {
         raw.backend.url = Some(u.clone());
+        raw.backend.urls = None;
+        raw.backend.endpoints = None;
     }
 }
 
-fn resolve(path: &Path, raw: RunConfig, env_host: Option<&str>) -> Result<Config, ConfigError> {
+fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
         key: key.to_owned(),
@@ -248,15 +326,66 @@ fn resolve(path: &Path, raw: RunConfig, env_host: Option<&str>) -> Result<Config
     if b.model.trim().is_empty() {
         return Err(invalid("backend.model", "must not be empty".into()));
     }
-    if b.kind == BackendKind::Openai {
-        return Err(invalid(
-            "backend.kind",
-            "\"openai\" is not supported by this version yet; use \"ollama\"".into(),
-        ));
+    let given = [b.url.is_some(), b.urls.is_some(), b.endpoints.is_some()].iter().filter(|x| **x).count();
+    if given > 1 {
+        return Err(invalid("backend.url", "give one of `url`, `urls` or `[[backend.endpoints]]`, not several".into()));
     }
-    let url = match &b.url {
-        Some(u) => normalize_url(u).map_err(|m| invalid("backend.url", m))?,
-        None => ollama_host_url(env_host.unwrap_or("")).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?,
+    let per = raw.run.concurrency;
+    let mut endpoints = Vec::new();
+    if let Some(u) = &b.url {
+        endpoints.push(Endpoint { url: normalize_url(u).map_err(|m| invalid("backend.url", m))?, concurrency: per });
+    }
+    for (i, u) in b.urls.iter().flatten().enumerate() {
+        let url = normalize_url(u).map_err(|m| invalid(&format!("backend.urls[{i}]"), m))?;
+        endpoints.push(Endpoint { url, concurrency: per });
+    }
+    for (i, e) in b.endpoints.iter().flatten().enumerate() {
+        let url = normalize_url(&e.url).map_err(|m| invalid(&format!("backend.endpoints[{i}].url"), m))?;
+        let concurrency = e.concurrency.unwrap_or(per);
+        if concurrency == 0 || concurrency > 1024 {
+            return Err(invalid(&format!("backend.endpoints[{i}].concurrency"), format!("{concurrency} must be from 1 to 1024")));
+        }
+        endpoints.push(Endpoint { url, concurrency });
+    }
+    if b.urls.as_ref().is_some_and(Vec::is_empty) || b.endpoints.as_ref().is_some_and(Vec::is_empty) {
+        return Err(invalid("backend.urls", "the list of servers is empty".into()));
+    }
+    let mut seen_urls = std::collections::HashSet::new();
+    for e in &endpoints {
+        if !seen_urls.insert(e.url.clone()) {
+            return Err(invalid("backend.urls", format!("{} is listed twice", e.url)));
+        }
+    }
+    if endpoints.is_empty() {
+        match b.kind {
+            BackendKind::Ollama => {
+                let host = env("OLLAMA_HOST").unwrap_or_default();
+                let url = ollama_host_url(&host).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?;
+                endpoints.push(Endpoint { url, concurrency: per });
+            }
+            BackendKind::Openai => {
+                return Err(invalid("backend.url", "missing: the API base, e.g. \"http://127.0.0.1:8000/v1\"".into()))
+            }
+        }
+    }
+    if b.kind == BackendKind::Openai {
+        for (key, set) in [("backend.keep_alive", b.keep_alive.is_some()), ("backend.think", b.think.is_some())] {
+            if set {
+                return Err(invalid(key, "is for kind = \"ollama\" only".into()));
+            }
+        }
+    }
+    let api_key = match &b.api_key_env {
+        None => None,
+        Some(name) => match env(name) {
+            Some(k) if !k.trim().is_empty() => Some(k.trim().to_owned()),
+            _ => {
+                return Err(invalid(
+                    "backend.api_key_env",
+                    format!("names the environment variable {name}, which is not set (set it to the API key)"),
+                ))
+            }
+        },
     };
     if let Some(k) = &b.keep_alive {
         let ok = match k {
@@ -370,7 +499,9 @@ fn resolve(path: &Path, raw: RunConfig, env_host: Option<&str>) -> Result<Config
 
     Ok(Config {
         path: path.to_owned(),
-        url,
+        endpoints,
+        api_key,
+        shard: None,
         system,
         template,
         template_origin,
@@ -546,7 +677,9 @@ fn split_host_port(s: &str) -> Option<(&str, &str)> {
 pub fn snapshot(cfg: &Config) -> Value {
     let mut v = serde_json::to_value(&cfg.raw).unwrap_or(Value::Null);
     if let Some(b) = v.get_mut("backend").and_then(Value::as_object_mut) {
-        b.insert("url".into(), Value::String(cfg.url.clone()));
+        let eps: Vec<Value> =
+            cfg.endpoints.iter().map(|e| serde_json::json!({"url": e.url, "concurrency": e.concurrency})).collect();
+        b.insert("resolved_endpoints".into(), Value::Array(eps));
     }
     v
 }

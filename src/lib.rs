@@ -5,12 +5,15 @@
 pub mod backend;
 pub mod config;
 pub mod dataset;
+pub mod endpoints;
 pub mod export;
 pub mod framing;
 pub mod input;
 pub mod inspect;
 pub mod manifest;
+pub mod merge;
 pub mod progress;
 pub mod record;
 pub mod resume;
+pub mod sse;
 pub mod template;

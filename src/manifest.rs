@@ -37,7 +37,7 @@ pub struct Tool {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Server {
     pub kind: String,
-    pub url: String,
+    pub urls: Vec<String>,
     pub version: Option<String>,
     pub model: String,
 }

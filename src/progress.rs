@@ -14,10 +14,14 @@ pub type JobId = u64;
 /// What happened in the run, as the pipeline saw it.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Requests this run will make, and how many were already done before it.
-    Started { total: u64, already_done: u64 },
+    /// Requests this run will make, how many were already done before it, and the servers.
+    Started { total: u64, already_done: u64, endpoints: Vec<String> },
     /// A request began (its first attempt).
     Begin { job: JobId, label: String },
+    /// An attempt of a request went to an endpoint.
+    Attempt { job: JobId, endpoint: usize },
+    /// An endpoint was set aside after failing (`up: false`), or came back.
+    Endpoint { endpoint: usize, up: bool },
     /// Streamed text arrived; `thinking` for reasoning text.
     Token { job: JobId, text: String, thinking: bool },
     /// An attempt failed and another follows after `delay`.
@@ -39,6 +43,18 @@ pub struct InFlight {
     pub attempt: u32,
     pub chunks: u64,
     pub last_error: Option<String>,
+    pub endpoint: Option<usize>,
+}
+
+/// One server's share of the run.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointView {
+    pub url: String,
+    pub done: u64,
+    pub errors: u64,
+    pub chunks: u64,
+    pub completion_tokens: u64,
+    pub set_aside: bool,
 }
 
 /// The run as events tell it.
@@ -57,6 +73,7 @@ pub struct ProgressView {
     pub in_flight: BTreeMap<JobId, InFlight>,
     /// Set once a stop was asked for: the signal and the end of the grace period.
     pub stopping: Option<(String, Instant)>,
+    pub endpoints: Vec<EndpointView>,
 }
 
 const TAIL_CHARS: usize = 160;
@@ -74,21 +91,41 @@ impl ProgressView {
             retries: 0,
             in_flight: BTreeMap::new(),
             stopping: None,
+            endpoints: Vec::new(),
         }
+    }
+
+    fn endpoint_of(&mut self, job: JobId) -> Option<&mut EndpointView> {
+        let e = self.in_flight.get(&job)?.endpoint?;
+        self.endpoints.get_mut(e)
     }
 
     pub fn apply(&mut self, ev: &Event) {
         match ev {
-            Event::Started { total, already_done } => {
+            Event::Started { total, already_done, endpoints } => {
                 self.total = *total;
                 self.already_done = *already_done;
                 self.started = Instant::now();
+                self.endpoints = endpoints.iter().map(|u| EndpointView { url: u.clone(), ..Default::default() }).collect();
+            }
+            Event::Attempt { job, endpoint } => {
+                if let Some(f) = self.in_flight.get_mut(job) {
+                    f.endpoint = Some(*endpoint);
+                }
+            }
+            Event::Endpoint { endpoint, up } => {
+                if let Some(e) = self.endpoints.get_mut(*endpoint) {
+                    e.set_aside = !up;
+                }
             }
             Event::Begin { job, label } => {
                 self.in_flight.insert(*job, InFlight { label: label.clone(), attempt: 1, ..Default::default() });
             }
             Event::Token { job, text, thinking } => {
                 self.streamed_chunks += 1;
+                if let Some(e) = self.endpoint_of(*job) {
+                    e.chunks += 1;
+                }
                 if let Some(f) = self.in_flight.get_mut(job) {
                     f.chunks += 1;
                     if f.thinking != *thinking {
@@ -100,6 +137,9 @@ impl ProgressView {
             }
             Event::Retry { job, attempt, error, .. } => {
                 self.retries += 1;
+                if let Some(e) = self.endpoint_of(*job) {
+                    e.errors += 1;
+                }
                 if let Some(f) = self.in_flight.get_mut(job) {
                     f.attempt = attempt + 1;
                     f.tail.clear();
@@ -108,11 +148,18 @@ impl ProgressView {
             }
             Event::Done { job, completion_tokens } => {
                 self.done += 1;
+                if let Some(e) = self.endpoint_of(*job) {
+                    e.done += 1;
+                    e.completion_tokens += completion_tokens;
+                }
                 self.completion_tokens += completion_tokens;
                 self.in_flight.remove(job);
             }
             Event::Failed { job, .. } => {
                 self.failed += 1;
+                if let Some(e) = self.endpoint_of(*job) {
+                    e.errors += 1;
+                }
                 self.in_flight.remove(job);
             }
             Event::Stopping { signal, deadline } => self.stopping = Some((signal.clone(), *deadline)),
@@ -138,6 +185,27 @@ impl ProgressView {
         let rate = self.rows_per_sec();
         let left = self.total.saturating_sub(self.finished());
         (rate > 0.0 && self.finished() > 0).then(|| Duration::from_secs_f64(left as f64 / rate))
+    }
+
+    /// One line per server when there are several: its share, speed and health.
+    pub fn endpoint_lines(&self) -> Vec<String> {
+        if self.endpoints.len() < 2 {
+            return Vec::new();
+        }
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        self.endpoints
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}: {} done · {:.1} tok/s · {} errors{}",
+                    e.url,
+                    e.done,
+                    e.chunks as f64 / secs,
+                    e.errors,
+                    if e.set_aside { " · SET ASIDE (failing)" } else { "" }
+                )
+            })
+            .collect()
     }
 
     /// What a stop in progress waits for, or None.
@@ -283,6 +351,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                 Some(b) => b.redraw(&view),
                 None if mode == DisplayMode::Plain && view.total > 0 => {
                     eprintln!("[{}] {}", format_duration(view.started.elapsed()), view.summary_line());
+                    for line in view.endpoint_lines() {
+                        eprintln!("    {line}");
+                    }
                 }
                 None => {}
             },
@@ -299,6 +370,7 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
 struct Bars {
     multi: MultiProgress,
     overall: ProgressBar,
+    endpoint_lines: Vec<ProgressBar>,
     lines: BTreeMap<JobId, ProgressBar>,
     line_style: ProgressStyle,
 }
@@ -318,12 +390,22 @@ impl Bars {
             ProgressStyle::with_template(overall_tpl).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
         );
         let line_style = ProgressStyle::with_template(line_tpl).unwrap_or_else(|_| ProgressStyle::default_spinner());
-        Bars { multi, overall, lines: BTreeMap::new(), line_style }
+        Bars { multi, overall, endpoint_lines: Vec::new(), lines: BTreeMap::new(), line_style }
     }
 
     fn on_event(&mut self, ev: &Event, view: &ProgressView) {
         match ev {
-            Event::Started { total, .. } => self.overall.set_length(*total),
+            Event::Started { total, endpoints, .. } => {
+                self.overall.set_length(*total);
+                if endpoints.len() > 1 {
+                    for _ in endpoints {
+                        let bar = self.multi.insert_after(self.endpoint_lines.last().unwrap_or(&self.overall), ProgressBar::new_spinner());
+                        bar.set_style(self.line_style.clone());
+                        bar.set_prefix("⇄");
+                        self.endpoint_lines.push(bar);
+                    }
+                }
+            }
             Event::Begin { job, label } => {
                 let bar = self.multi.add(ProgressBar::new_spinner());
                 bar.set_style(self.line_style.clone());
@@ -338,7 +420,7 @@ impl Bars {
                 }
                 self.overall.set_position(view.finished());
             }
-            Event::Token { .. } | Event::Retry { .. } | Event::Stopping { .. } => {}
+            Event::Token { .. } | Event::Retry { .. } | Event::Stopping { .. } | Event::Attempt { .. } | Event::Endpoint { .. } => {}
         }
         if let Event::Failed { label, error, .. } = ev {
             let _ = self.multi.println(format!("failed: {label}: {error}"));
@@ -353,6 +435,9 @@ impl Bars {
         });
         self.overall.set_message(msg);
         self.overall.tick();
+        for (bar, line) in self.endpoint_lines.iter().zip(view.endpoint_lines()) {
+            bar.set_message(line);
+        }
         for (job, bar) in &self.lines {
             if let Some(f) = view.in_flight.get(job) {
                 let mut m = String::new();
@@ -379,7 +464,7 @@ impl Bars {
     }
 
     fn clear(self) {
-        for bar in self.lines.values() {
+        for bar in self.lines.values().chain(&self.endpoint_lines) {
             bar.finish_and_clear();
         }
         self.overall.finish_and_clear();
@@ -394,8 +479,9 @@ mod tests {
     #[test]
     fn view_follows_events() {
         let mut v = ProgressView::new();
-        v.apply(&Event::Started { total: 3, already_done: 0 });
+        v.apply(&Event::Started { total: 3, already_done: 0, endpoints: vec!["a".into(), "b".into()] });
         v.apply(&Event::Begin { job: 1, label: "row 1".into() });
+        v.apply(&Event::Attempt { job: 1, endpoint: 1 });
         v.apply(&Event::Token { job: 1, text: "Hello\n\n world".into(), thinking: false });
         assert_eq!(v.in_flight[&1].tail, "Hello world");
         v.apply(&Event::Retry { job: 1, attempt: 1, error: "boom".into(), delay: Duration::ZERO });
@@ -403,6 +489,9 @@ mod tests {
         assert!(v.in_flight[&1].tail.is_empty());
         v.apply(&Event::Done { job: 1, completion_tokens: 7 });
         assert_eq!((v.done, v.completion_tokens, v.in_flight.len()), (1, 7, 0));
+        assert_eq!((v.endpoints[1].done, v.endpoints[1].errors, v.endpoints[1].chunks), (1, 1, 1));
+        assert_eq!(v.endpoints[0].done, 0);
+        assert_eq!(v.endpoint_lines().len(), 2);
     }
 
     #[test]

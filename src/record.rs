@@ -38,6 +38,10 @@ pub struct Record {
     pub eval_duration_ms: Option<f64>,
     /// Hash of what was asked (id, sample, model, prompts, options): see [`request_key`].
     pub key: String,
+    /// The server that answered.
+    pub endpoint: Option<String>,
+    /// The server sent no token counts: `completion_tokens` counts the streamed pieces instead.
+    pub tokens_estimated: bool,
     /// The original input row.
     pub input: Map<String, Value>,
 }
@@ -45,12 +49,13 @@ pub struct Record {
 /// The CSV columns: the record's scalar fields in the same order (`input` is JSONL only).
 pub const CSV_COLUMNS: &[&str] = &[
     "id", "sample", "model", "system", "prompt", "response", "thinking", "done_reason", "prompt_tokens",
-    "completion_tokens", "duration_ms", "attempts", "finished_at", "seed", "eval_duration_ms", "key",
+    "completion_tokens", "duration_ms", "attempts", "finished_at", "seed", "eval_duration_ms", "key", "endpoint",
+    "tokens_estimated",
 ];
 
 impl Record {
     /// The CSV row, in [`CSV_COLUMNS`] order; absent values are empty cells.
-    pub fn csv_row(&self) -> [String; 16] {
+    pub fn csv_row(&self) -> [String; 18] {
         fn opt<T: ToString>(v: &Option<T>) -> String {
             v.as_ref().map(ToString::to_string).unwrap_or_default()
         }
@@ -71,6 +76,8 @@ impl Record {
             opt(&self.seed),
             opt(&self.eval_duration_ms),
             self.key.clone(),
+            opt(&self.endpoint),
+            self.tokens_estimated.to_string(),
         ]
     }
 }
@@ -86,6 +93,9 @@ pub struct Failure {
     /// Whether another attempt could succeed (network, busy server) or not (bad request).
     pub retryable: bool,
     pub key: String,
+    /// The server of the last attempt.
+    #[serde(default)]
+    pub endpoint: Option<String>,
     /// RFC 3339, UTC.
     pub when: String,
 }

@@ -19,7 +19,8 @@ fn rec(id: &str, sample: u32, model: &str, prompt: &str, response: &str, reason:
         "prompt": prompt, "response": response, "thinking": if n == 3 { json!("hmm… 🤔") } else { Value::Null },
         "done_reason": reason, "prompt_tokens": 5, "completion_tokens": tokens, "duration_ms": 1000,
         "attempts": 1, "finished_at": "2026-11-22T00:00:00.000Z", "seed": 42, "eval_duration_ms": 500.0,
-        "key": key(n), "input": {"question": format!("q-{id}"), "context": "ctx"},
+        "key": key(n), "endpoint": "http://127.0.0.1:1", "tokens_estimated": false,
+        "input": {"question": format!("q-{id}"), "context": "ctx"},
     })
 }
 
@@ -220,7 +221,7 @@ fn export_formats_parse_back() {
         run.stdout().lines().map(|l| serde_json::from_str::<Value>(l).expect("json")).collect::<Vec<_>>()
     };
     for (b, r) in back.iter().zip(&recs) {
-        for f in ["id", "sample", "model", "system", "prompt", "response", "thinking", "done_reason", "prompt_tokens", "completion_tokens", "duration_ms", "attempts", "finished_at", "seed", "eval_duration_ms", "key"] {
+        for f in ["id", "sample", "model", "system", "prompt", "response", "thinking", "done_reason", "prompt_tokens", "completion_tokens", "duration_ms", "attempts", "finished_at", "seed", "eval_duration_ms", "key", "endpoint", "tokens_estimated"] {
             assert_eq!(b[f], r[f], "{f} survives CSV");
         }
     }

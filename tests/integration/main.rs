@@ -8,4 +8,6 @@ mod errors;
 mod inspect;
 mod memory;
 mod pipeline;
+mod real_model;
 mod resume;
+mod scale;

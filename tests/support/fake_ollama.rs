@@ -9,6 +9,11 @@
 //! `truncate` (ends without `done`), `drop` (connection closed mid-chunk), `stall` (goes silent),
 //! `think` (thinking text first), `length` (`done_reason: length`), `slow` (a pause per token).
 //!
+//! It also speaks the OpenAI-compatible API (`GET /v1/models`, `POST /v1/chat/completions`,
+//! answered in Server-Sent Events with comments, `event:` lines, CRLF line ends and multi-line
+//! data mixed in), with the same directives plus `nousage` (no usage chunk, as
+//! llama-cpp-python streams).
+//!
 //! Shared by the integration tests and `examples/fake_ollama.rs`.
 #![allow(dead_code)]
 
@@ -66,6 +71,8 @@ pub struct SeenRequest {
     pub body: Value,
     /// The user prompt (chat: last message; generate: `prompt`).
     pub prompt: Option<String>,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -130,10 +137,24 @@ impl FakeOllama {
         self.state.lock().map(|s| s.seen.clone()).unwrap_or_default()
     }
 
-    /// Generation requests seen (chat and generate).
+    /// Generation requests seen (chat, generate, OpenAI chat completions).
     pub fn generations(&self) -> Vec<SeenRequest> {
-        self.seen().into_iter().filter(|r| r.path == "/api/chat" || r.path == "/api/generate").collect()
+        self.seen().into_iter().filter(|r| is_generation(&r.path)).collect()
     }
+
+    /// Stops at once, as a crashed server does: open connections are cut, new ones refused.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn is_generation(path: &str) -> bool {
+    matches!(path, "/api/chat" | "/api/generate" | "/v1/chat/completions")
 }
 
 impl Drop for FakeOllama {
@@ -161,7 +182,7 @@ impl Rng {
     }
 }
 
-async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, String, Vec<u8>)>> {
+async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, String, Vec<u8>, Option<String>)>> {
     let mut buf = Vec::new();
     let mut tmp = [0u8; 4096];
     let header_end = loop {
@@ -180,11 +201,11 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, S
     let mut parts = first.split_whitespace();
     let method = parts.next().unwrap_or_default().to_owned();
     let path = parts.next().unwrap_or_default().to_owned();
-    let len = lines
-        .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned())).collect();
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let len = header("content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+    let authorization = header("authorization");
     let mut body = buf[header_end..].to_vec();
     while body.len() < len {
         let n = sock.read(&mut tmp).await?;
@@ -193,7 +214,7 @@ async fn read_request(sock: &mut TcpStream) -> std::io::Result<Option<(String, S
         }
         body.extend_from_slice(&tmp[..n]);
     }
-    Ok(Some((method, path, body)))
+    Ok(Some((method, path, body, authorization)))
 }
 
 async fn respond_json(sock: &mut TcpStream, status: u16, extra: &str, body: &Value) -> std::io::Result<()> {
@@ -258,14 +279,14 @@ fn tokens(text: &str, rng: &mut Rng) -> Vec<String> {
 
 async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options>, seed: u64) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
-    let Some((method, path, body)) = read_request(&mut sock).await? else { return Ok(()) };
+    let Some((method, path, body, authorization)) = read_request(&mut sock).await? else { return Ok(()) };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let prompt = user_prompt(&path, &body);
     let attempt = {
         let mut st = state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
-        st.seen.push(SeenRequest { method: method.clone(), path: path.clone(), body: body.clone(), prompt: prompt.clone() });
+        st.seen.push(SeenRequest { method: method.clone(), path: path.clone(), body: body.clone(), prompt: prompt.clone(), authorization });
         match &prompt {
-            Some(p) if path == "/api/chat" || path == "/api/generate" => {
+            Some(p) if is_generation(&path) => {
                 let a = st.attempts.entry(p.clone()).or_insert(0);
                 *a += 1;
                 *a
@@ -302,8 +323,111 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
             }
             stream_reply(&mut sock, &path, &model, &p, attempt, &opts, seed).await
         }
+        ("GET", "/v1/models") => {
+            let data: Vec<Value> = opts.models.iter().map(|m| json!({"id": m, "object": "model", "owned_by": "fake"})).collect();
+            respond_json(&mut sock, 200, "", &json!({"object": "list", "data": data})).await
+        }
+        ("POST", "/v1/chat/completions") => {
+            if !opts.models.contains(&model) {
+                let msg = format!("The model `{model}` does not exist.");
+                return respond_json(&mut sock, 404, "", &json!({"error": {"message": msg, "type": "NotFoundError", "code": 404}})).await;
+            }
+            let p = prompt.unwrap_or_default();
+            for (name, status) in [("503", 503), ("500", 500), ("400", 400), ("429", 429)] {
+                if directive(&p, name, attempt) {
+                    let extra = if status == 429 { "retry-after-ms: 20\r\n" } else { "" };
+                    let body = json!({"error": {"message": format!("fake error {status}"), "type": "server_error", "code": status}});
+                    return respond_json(&mut sock, status, extra, &body).await;
+                }
+            }
+            stream_sse(&mut sock, &model, &p, attempt, &opts, seed).await
+        }
         _ => respond_json(&mut sock, 404, "", &json!({"error": "404 page not found"})).await,
     }
+}
+
+/// An OpenAI-style streamed reply, in SSE with the variations servers use.
+async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, attempt: u32, opts: &Options, seed: u64) -> std::io::Result<()> {
+    let mut rng = Rng(seed | 1);
+    let crlf = rng.below(2) == 0;
+    let nl = if crlf { "\r\n" } else { "\n" };
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut events: Vec<String> = Vec::new();
+    let data = |v: &Value, rng: &mut Rng| -> String {
+        let text = v.to_string();
+        match rng.below(6) {
+            // Multi-line data: JSON cut after a comma, the newline joining them is whitespace.
+            // (Cut between two top-level fields, never inside a string.)
+            0 if text.contains(",\"id\":\"chatcmpl-fake\"") => {
+                let i = text.find(",\"id\":\"chatcmpl-fake\"").map(|i| i + 1).unwrap_or(0);
+                format!("data: {}{nl}data: {}{nl}{nl}", &text[..i], &text[i..])
+            }
+            1 => format!(": keep-alive{nl}{nl}event: message{nl}data: {text}{nl}{nl}"),
+            2 => format!("data:{text}{nl}{nl}"),
+            _ => format!("data: {text}{nl}{nl}"),
+        }
+    };
+    events.push(data(&chunk(json!({"role": "assistant", "content": ""}), Value::Null), &mut rng));
+    if directive(prompt, "think", attempt) {
+        for t in tokens(THINKING, &mut rng) {
+            events.push(data(&chunk(json!({"reasoning_content": t}), Value::Null), &mut rng));
+        }
+    }
+    let toks = tokens(&expected_response(prompt), &mut rng);
+    let n = toks.len();
+    for t in toks {
+        events.push(data(&chunk(json!({"content": t}), Value::Null), &mut rng));
+    }
+    let reason = if directive(prompt, "length", attempt) { "length" } else { "stop" };
+    events.push(data(&chunk(json!({}), json!(reason)), &mut rng));
+    if !directive(prompt, "nousage", attempt) {
+        let usage = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
+                           "usage": {"prompt_tokens": prompt.chars().count(), "completion_tokens": n, "total_tokens": n + 1}});
+        events.push(data(&usage, &mut rng));
+    }
+    events.push(format!("data: [DONE]{nl}{nl}"));
+
+    let cut = events.len() / 2;
+    let fail_error = directive(prompt, "error", attempt);
+    let fail_truncate = directive(prompt, "truncate", attempt);
+    let fail_drop = directive(prompt, "drop", attempt);
+    let fail_stall = directive(prompt, "stall", attempt);
+    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").await?;
+    let mut pending: Vec<u8> = Vec::new();
+    for (i, ev) in events.iter().enumerate() {
+        if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+            if fail_error {
+                // vLLM's way: an error event, then [DONE] as if all were well.
+                let e = json!({"error": {"message": "fake engine error: out of memory", "type": "InternalServerError", "code": 500}});
+                send_chunk(sock, format!("data: {e}{nl}{nl}data: [DONE]{nl}{nl}").as_bytes()).await?;
+                return finish_chunked(sock).await;
+            }
+            if fail_truncate {
+                return finish_chunked(sock).await;
+            }
+            if fail_drop {
+                sock.write_all(b"40\r\ndata: {\"id\"").await?;
+                sock.flush().await?;
+                return Ok(());
+            }
+            tokio::time::sleep(opts.stall).await;
+            return Ok(());
+        }
+        pending.extend_from_slice(ev.as_bytes());
+        if rng.below(3) == 0 {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+        }
+        if !opts.token_delay.is_zero() {
+            flush_pieces(sock, &mut pending, &mut rng).await?;
+            tokio::time::sleep(opts.token_delay).await;
+        }
+    }
+    flush_pieces(sock, &mut pending, &mut rng).await?;
+    finish_chunked(sock).await
 }
 
 async fn stream_reply(

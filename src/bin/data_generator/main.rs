@@ -1,7 +1,8 @@
 //! `data_generator --config run.toml`: parse the command line, load the config, run, exit code.
-//! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`.
+//! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`, `merge`.
 
 mod ollama_client;
+mod openai_client;
 mod pipeline;
 
 use std::io::Write;
@@ -36,6 +37,18 @@ enum Command {
     Inspect(InspectArgs),
     /// Write the dataset for a trainer: chat messages, ShareGPT, Alpaca, JSONL or CSV.
     Export(ExportArgs),
+    /// Combine shard folders (from --shard K/N) into one dataset, without duplicates.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The folders to combine (e.g. output/demo/shard-*-of-4).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// The new folder for the merged dataset.
+    #[arg(long, short = 'o', value_name = "OUTDIR")]
+    output: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -55,9 +68,12 @@ struct ConfigArgs {
     /// Model name (overrides backend.model).
     #[arg(long)]
     model: Option<String>,
-    /// Server URL (overrides backend.url and OLLAMA_HOST).
+    /// Server URL (overrides backend.url, urls, endpoints and OLLAMA_HOST).
     #[arg(long)]
     url: Option<String>,
+    /// Run only shard K of N (K from 0): the rows whose id hashes there, into <output>/shard-K-of-N/.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<config::Shard>,
 }
 
 #[derive(Args, Debug)]
@@ -147,6 +163,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => check(args),
         Some(Command::Inspect(args)) => inspect(args),
         Some(Command::Export(args)) => export(args),
+        Some(Command::Merge(args)) => merge(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -165,6 +182,7 @@ fn load_config(args: ConfigArgs) -> anyhow::Result<Config> {
         concurrency: args.concurrency.map(|c| c as usize),
         model: args.model,
         url: args.url,
+        shard: args.shard,
     };
     let host = std::env::var("OLLAMA_HOST").ok();
     Ok(config::load(&path, &overrides, host.as_deref())?)
@@ -300,6 +318,22 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
     );
     if let Some(m) = stats.malformed.first() {
         eprintln!("warning: {} malformed lines skipped (first: line {}: {})", stats.malformed.len(), m.line, m.error);
+    }
+    Ok(0)
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<u8> {
+    let stats = data_generator::merge::merge(&args.dirs, &args.output)?;
+    println!(
+        "merged {} folders into {}: {} records ({} duplicates dropped), {} unresolved failures",
+        args.dirs.len(),
+        args.output.display(),
+        stats.records,
+        stats.duplicates_dropped,
+        stats.failures
+    );
+    if stats.malformed_lines > 0 {
+        eprintln!("warning: {} malformed lines were skipped", stats.malformed_lines);
     }
     Ok(0)
 }

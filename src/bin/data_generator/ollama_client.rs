@@ -9,14 +9,21 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
-use data_generator::backend::{Chunk, ClientError, Stats};
+use data_generator::backend::{
+    self, error_chain, error_message, frame_error, idle_bytes, Chunk, ChunkStream, ClientError, ModelClient, Request,
+    ServerInfo, Stats,
+};
 use data_generator::config::{Config, OllamaApi};
-use data_generator::framing::{FrameError, LineCodec};
-use futures::stream::{self, BoxStream, Stream, StreamExt};
+use futures::future::BoxFuture;
+use futures::stream::{self, Stream, StreamExt};
+use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tokio_util::codec::FramedRead;
-use tokio_util::io::StreamReader;
+
+/// A `ClientError::Check` with a formatted message.
+macro_rules! check_err {
+    ($($t:tt)*) => { ClientError::Check(format!($($t)*)) };
+}
 
 pub struct OllamaClient {
     http: reqwest::Client,
@@ -28,24 +35,17 @@ pub struct OllamaClient {
     idle: Duration,
 }
 
-/// What the startup check learnt about the server.
-#[derive(Debug, Clone, Default)]
-pub struct ServerInfo {
-    pub version: Option<String>,
-    pub capabilities: Vec<String>,
-}
-
 impl OllamaClient {
-    pub fn new(cfg: &Config) -> anyhow::Result<OllamaClient> {
+    pub fn new(cfg: &Config, url: &str, concurrency: usize) -> anyhow::Result<OllamaClient> {
         let b = cfg.backend();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(cfg.run().connect_timeout_secs))
-            .pool_max_idle_per_host(cfg.run().concurrency)
+            .pool_max_idle_per_host(concurrency)
             .user_agent(concat!("data_generator/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(OllamaClient {
             http,
-            base: cfg.url.clone(),
+            base: url.to_owned(),
             api: b.api,
             model: b.model.clone(),
             keep_alive: b.keep_alive.clone(),
@@ -55,13 +55,13 @@ impl OllamaClient {
     }
 
     /// Before the first row: the server answers, the model exists and can do what is asked.
-    pub async fn check(&self) -> anyhow::Result<ServerInfo> {
+    async fn check_server(&self) -> Result<ServerInfo, ClientError> {
         let url = format!("{}/api/version", self.base);
         let resp = tokio::time::timeout(self.idle, self.http.get(&url).send())
             .await
-            .map_err(|_| anyhow::anyhow!("Ollama at {} did not answer within {:?}", self.base, self.idle))?
+            .map_err(|_| check_err!("Ollama at {} did not answer within {:?}", self.base, self.idle))?
             .map_err(|e| {
-                anyhow::anyhow!(
+                check_err!(
                     "cannot reach Ollama at {}: {}\nIs it running? Start it with `ollama serve`, or point backend.url \
                      (or OLLAMA_HOST, or --url) at the right address.",
                     self.base,
@@ -69,28 +69,28 @@ impl OllamaClient {
                 )
             })?;
         if !resp.status().is_success() {
-            anyhow::bail!("{url} answered HTTP {}: is {} an Ollama server?", resp.status(), self.base);
+            return Err(check_err!("{url} answered HTTP {}: is {} an Ollama server?", resp.status(), self.base));
         }
         let version = resp.json::<Value>().await.ok().and_then(|v| v.get("version")?.as_str().map(str::to_owned));
 
         let show = format!("{}/api/show", self.base);
         let resp = tokio::time::timeout(self.idle, self.http.post(&show).json(&json!({ "model": self.model })).send())
             .await
-            .map_err(|_| anyhow::anyhow!("{show} did not answer within {:?}", self.idle))?
-            .map_err(|e| anyhow::anyhow!("cannot reach Ollama at {}: {}", self.base, error_chain(&e)))?;
+            .map_err(|_| check_err!("{show} did not answer within {:?}", self.idle))?
+            .map_err(|e| check_err!("cannot reach Ollama at {}: {}", self.base, error_chain(&e)))?;
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         if status == reqwest::StatusCode::NOT_FOUND {
-            anyhow::bail!(
+            return Err(check_err!(
                 "model {:?} is not on the Ollama server at {}: pull it with `ollama pull {}`, or set backend.model \
                  (or --model) to one that `ollama list` shows",
                 self.model,
                 self.base,
                 self.model
-            );
+            ));
         }
         if !status.is_success() {
-            anyhow::bail!("{show} answered HTTP {status} for model {:?}: {}", self.model, error_message(&body));
+            return Err(check_err!("{show} answered HTTP {status} for model {:?}: {}", self.model, error_message(&body)));
         }
         let capabilities: Vec<String> = serde_json::from_slice::<Value>(&body)
             .ok()
@@ -99,15 +99,15 @@ impl OllamaClient {
             .unwrap_or_default();
         if !capabilities.is_empty() {
             if !capabilities.iter().any(|c| c == "completion") {
-                anyhow::bail!(
+                return Err(check_err!(
                     "model {:?} cannot generate text (its capabilities: {}): pick a chat or completion model",
                     self.model,
                     capabilities.join(", ")
-                );
+                ));
             }
             let wants_thinking = matches!(&self.think, Some(Value::Bool(true)) | Some(Value::String(_)));
             if wants_thinking && !capabilities.iter().any(|c| c == "thinking") {
-                anyhow::bail!("backend.think is set, but model {:?} cannot think: remove `think` or pick a reasoning model", self.model);
+                return Err(check_err!("backend.think is set, but model {:?} cannot think: remove `think` or pick a reasoning model", self.model));
             }
         }
         Ok(ServerInfo { version, capabilities })
@@ -144,36 +144,22 @@ impl OllamaClient {
     }
 
     /// Sends one request; the reply comes as a stream of chunks ending in `Chunk::Done`, or an error.
-    pub async fn stream(
-        &self,
-        system: Option<&str>,
-        prompt: &str,
-        options: &Map<String, Value>,
-    ) -> Result<BoxStream<'static, Result<Chunk, ClientError>>, ClientError> {
+    async fn send(&self, req: Request<'_>) -> Result<ChunkStream, ClientError> {
         let path = match self.api {
             OllamaApi::Chat => "/api/chat",
             OllamaApi::Generate => "/api/generate",
         };
         let url = format!("{}{}", self.base, path);
-        let req = self.http.post(&url).json(&self.body(system, prompt, options));
+        let http = self.http.post(&url).json(&self.body(req.system, req.prompt, req.options));
         // Headers arrive with the first token: the idle limit covers model load and prompt evaluation.
-        let resp = match tokio::time::timeout(self.idle, req.send()).await {
+        let resp = match tokio::time::timeout(self.idle, http.send()).await {
             Err(_) => return Err(ClientError::Idle(self.idle)),
-            Ok(Err(e)) if e.is_connect() || e.is_timeout() => {
-                return Err(ClientError::Connect { url, message: error_chain(&e) })
-            }
-            Ok(Err(e)) => return Err(ClientError::Body(error_chain(&e))),
+            Ok(Err(e)) => return Err(backend::send_error(&url, &e)),
             Ok(Ok(r)) => r,
         };
         let status = resp.status();
         if !status.is_success() {
-            let retry_after = resp
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|s| s.trim().parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(Duration::from_secs_f64);
+            let retry_after = backend::retry_after(resp.headers());
             let body = tokio::time::timeout(self.idle, resp.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
             let message = error_message(&body);
             if status == reqwest::StatusCode::NOT_FOUND && message.contains("not found") {
@@ -184,31 +170,6 @@ impl OllamaClient {
         Ok(decode_reply(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
     }
 }
-
-/// Reply bytes with a limit on the silence between them; a stall becomes a `TimedOut` error.
-fn idle_bytes<S>(body: S, idle: Duration) -> impl Stream<Item = io::Result<Bytes>> + Send
-where
-    S: Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
-{
-    stream::unfold(Some(Box::pin(body)), move |state| async move {
-        let mut body = state?;
-        match tokio::time::timeout(idle, body.next()).await {
-            Err(_) => Some((Err(io::Error::new(io::ErrorKind::TimedOut, IdleMarker(idle))), None)),
-            Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
-            Ok(Some(Err(e))) => Some((Err(io::Error::other(error_chain(&e))), None)),
-            Ok(None) => None,
-        }
-    })
-}
-
-#[derive(Debug)]
-struct IdleMarker(Duration);
-impl std::fmt::Display for IdleMarker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no data for {:?}", self.0)
-    }
-}
-impl std::error::Error for IdleMarker {}
 
 /// One NDJSON line of a chat or generate reply.
 #[derive(Deserialize, Default)]
@@ -239,7 +200,7 @@ pub fn decode_reply<S>(bytes: S) -> impl Stream<Item = Result<Chunk, ClientError
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
-    let lines = FramedRead::new(StreamReader::new(Box::pin(bytes)), LineCodec::default());
+    let lines = backend::lines(bytes);
     stream::unfold(Some((lines, Vec::<Chunk>::new())), |state| async move {
         let (mut lines, mut pending) = state?;
         loop {
@@ -258,17 +219,6 @@ where
             }
         }
     })
-}
-
-fn frame_error(e: FrameError) -> ClientError {
-    match e {
-        FrameError::Io(e) if e.kind() == io::ErrorKind::TimedOut => match e.get_ref().and_then(|i| i.downcast_ref::<IdleMarker>()) {
-            Some(IdleMarker(d)) => ClientError::Idle(*d),
-            None => ClientError::Body(e.to_string()),
-        },
-        FrameError::Io(e) => ClientError::Body(e.to_string()),
-        e @ FrameError::LineTooLong { .. } => ClientError::Frame(e.to_string()),
-    }
 }
 
 fn decode_line(line: &[u8]) -> Result<Vec<Chunk>, ClientError> {
@@ -305,46 +255,25 @@ fn decode_line(line: &[u8]) -> Result<Vec<Chunk>, ClientError> {
             total_duration_ns: l.total_duration,
             load_duration_ns: l.load_duration,
             eval_duration_ns: l.eval_duration,
+            completion_tokens_estimated: false,
         }));
     }
     Ok(out)
 }
 
-/// The `error` string of an Ollama error body, or the body itself.
-fn error_message(body: &[u8]) -> String {
-    if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        match v.get("error") {
-            Some(Value::String(s)) => return s.clone(),
-            Some(Value::Object(o)) => {
-                if let Some(Value::String(s)) = o.get("message") {
-                    return s.clone();
-                }
-            }
-            _ => {}
-        }
+impl ModelClient for OllamaClient {
+    fn url(&self) -> &str {
+        &self.base
     }
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        "(no body)".to_owned()
-    } else {
-        text.chars().take(300).collect()
+    fn kind(&self) -> &'static str {
+        "ollama"
     }
-}
-
-/// An error with its causes, `a: b: c`, as reqwest hides the useful part in the source chain.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = inner.source();
+    fn check(&self) -> BoxFuture<'_, Result<ServerInfo, ClientError>> {
+        self.check_server().boxed()
     }
-    s
+    fn stream<'a>(&'a self, req: Request<'a>) -> BoxFuture<'a, Result<ChunkStream, ClientError>> {
+        self.send(req).boxed()
+    }
 }
 
 #[cfg(test)]
@@ -417,10 +346,4 @@ mod tests {
         assert_eq!(r.len(), 3);
     }
 
-    #[test]
-    fn error_bodies() {
-        assert_eq!(error_message(br#"{"error":"model 'x' not found"}"#), "model 'x' not found");
-        assert_eq!(error_message(b""), "(no body)");
-        assert_eq!(error_message(b"plain"), "plain");
-    }
 }

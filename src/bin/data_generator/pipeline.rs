@@ -14,8 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use data_generator::backend::{Chunk, ClientError, Stats};
-use data_generator::config::{self, Config};
+use data_generator::backend::{Chunk, ClientError, ModelClient, Request, ServerInfo, Stats};
+use data_generator::config::{self, BackendKind, Config};
+use data_generator::endpoints::{Change, EndpointPool};
 use data_generator::dataset::{Dataset, OutputPaths, WriteItem, Writer};
 use data_generator::input::{IdSet, InputError, Row, RowReader};
 use data_generator::manifest::{self, Manifest, RunEntry};
@@ -28,6 +29,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::ollama_client::OllamaClient;
+use crate::openai_client::OpenAiClient;
 
 /// How a run ended, for the exit code.
 #[derive(Debug)]
@@ -80,13 +82,13 @@ pub struct StudentResponse {
 /// Sends one rendered prompt, forwards each piece of text to the display as it arrives, and
 /// returns the whole response once the server says it is done.
 async fn get_student_response(
-    client: &OllamaClient,
+    client: &dyn ModelClient,
     system: Option<&str>,
     job: &Job,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<StudentResponse, ClientError> {
     let started = Instant::now();
-    let mut reply = client.stream(system, &job.prompt, &job.options).await?;
+    let mut reply = client.stream(Request { system, prompt: &job.prompt, options: &job.options }).await?;
     let mut response = String::new();
     let mut thinking = String::new();
     while let Some(chunk) = reply.next().await {
@@ -120,7 +122,8 @@ enum JobResult {
 }
 
 struct Ctx {
-    client: OllamaClient,
+    clients: Vec<Box<dyn ModelClient>>,
+    pool: EndpointPool,
     cfg: Config,
     events: mpsc::UnboundedSender<Event>,
     jitter: AtomicU64,
@@ -143,14 +146,43 @@ impl Ctx {
         d.max(retry_after.unwrap_or_default())
     }
 
+    /// Logs endpoints set aside or back, and tells the display.
+    fn endpoint_changes(&self, changes: Vec<Change>) {
+        for c in changes {
+            match c {
+                Change::SetAside { endpoint, for_ } => {
+                    let url = self.clients[endpoint].url();
+                    tracing::warn!(endpoint = url, secs = for_.as_secs(), "endpoint keeps failing: set aside; its requests go to the others");
+                    let _ = self.events.send(Event::Endpoint { endpoint, up: false });
+                }
+                Change::Back { endpoint } => {
+                    tracing::info!(endpoint = self.clients[endpoint].url(), "endpoint back in use");
+                    let _ = self.events.send(Event::Endpoint { endpoint, up: true });
+                }
+            }
+        }
+    }
+
     async fn run_job(&self, job: Job) -> JobResult {
         let samples = self.cfg.run().samples_per_prompt;
         let label = job.label(samples);
         let _ = self.events.send(Event::Begin { job: job.seq, label: label.clone() });
         let max_attempts = self.cfg.run().max_retries + 1;
         let mut attempt = 1;
+        let mut last_failed: Option<usize> = None;
         loop {
-            match get_student_response(&self.client, self.cfg.system.as_deref(), &job, &self.events).await {
+            let (slot, changes) = self.pool.acquire(last_failed).await;
+            self.endpoint_changes(changes);
+            let endpoint = slot.endpoint;
+            let client = self.clients[endpoint].as_ref();
+            let _ = self.events.send(Event::Attempt { job: job.seq, endpoint });
+            let result = get_student_response(client, self.cfg.system.as_deref(), &job, &self.events).await;
+            drop(slot);
+            let server_failed = matches!(&result, Err(e) if e.retryable());
+            if let Some(change) = self.pool.report(endpoint, server_failed) {
+                self.endpoint_changes(vec![change]);
+            }
+            match result {
                 Ok(r) => {
                     let completion = r.stats.completion_tokens.unwrap_or(0);
                     tracing::info!(id = %job.row_id, sample = job.sample, attempt, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
@@ -172,19 +204,22 @@ impl Ctx {
                         seed: job.seed,
                         eval_duration_ms: r.stats.eval_duration_ns.map(|ns| ns as f64 / 1e6),
                         key: job.key,
+                        endpoint: Some(client.url().to_owned()),
+                        tokens_estimated: r.stats.completion_tokens_estimated,
                         input: job.input,
                     }));
                 }
                 Err(e) if e.retryable() && attempt < max_attempts => {
+                    last_failed = Some(endpoint);
                     let delay = self.backoff(attempt, e.retry_after());
-                    tracing::warn!(id = %job.row_id, sample = job.sample, attempt, error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+                    tracing::warn!(id = %job.row_id, sample = job.sample, attempt, endpoint = client.url(), error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
                     let _ = self.events.send(Event::Retry { job: job.seq, attempt, error: e.to_string(), delay });
                     tokio::time::sleep(delay).await;
                     attempt += 1;
                 }
                 Err(e) => {
                     let error = e.to_string();
-                    tracing::error!(id = %job.row_id, sample = job.sample, attempts = attempt, error = %error, "failed");
+                    tracing::error!(id = %job.row_id, sample = job.sample, attempts = attempt, endpoint = client.url(), error = %error, "failed");
                     let _ = self.events.send(Event::Failed { job: job.seq, label, error: error.clone() });
                     return JobResult::Failure(Box::new(Failure {
                         id: job.row_id,
@@ -194,6 +229,7 @@ impl Ctx {
                         attempts: attempt,
                         retryable: e.retryable(),
                         key: job.key,
+                        endpoint: Some(client.url().to_owned()),
                         when: record::now_rfc3339(),
                     }));
                 }
@@ -203,10 +239,61 @@ impl Ctx {
 }
 
 
-/// The rows of the input, first `limit` only.
+/// The rows of the input: the first `limit` only, and of those the shard's.
 fn rows(cfg: &Config) -> anyhow::Result<impl Iterator<Item = Result<Row, InputError>>> {
     let reader = RowReader::open(&cfg.input_path, cfg.input_format, cfg.raw.input.id_field.as_deref())?;
-    Ok(reader.take(cfg.run().limit.map_or(usize::MAX, |l| l as usize)))
+    let shard = cfg.shard;
+    Ok(reader
+        .take(cfg.run().limit.map_or(usize::MAX, |l| l as usize))
+        .filter(move |r| match (r, shard) {
+            (Ok(row), Some(s)) => s.has(&row.id),
+            _ => true,
+        }))
+}
+
+/// A client per endpoint.
+fn clients(cfg: &Config) -> anyhow::Result<Vec<Box<dyn ModelClient>>> {
+    cfg.endpoints
+        .iter()
+        .map(|e| -> anyhow::Result<Box<dyn ModelClient>> {
+            Ok(match cfg.backend().kind {
+                BackendKind::Ollama => Box::new(OllamaClient::new(cfg, &e.url, e.concurrency)?),
+                BackendKind::Openai => Box::new(OpenAiClient::new(cfg, &e.url, e.concurrency)?),
+            })
+        })
+        .collect()
+}
+
+/// Checks every endpoint at once. Those that fail are left out (with a warning) as long as one
+/// works; when none does, the first error is the run's. Returns each endpoint's capacity
+/// (0 for those left out) and the first answer.
+async fn check_endpoints(cfg: &Config, clients: &[Box<dyn ModelClient>]) -> anyhow::Result<(Vec<usize>, ServerInfo)> {
+    let results = futures::future::join_all(clients.iter().map(|c| c.check())).await;
+    let mut caps = Vec::new();
+    let mut info = None;
+    let mut first_err = None;
+    for ((r, ep), c) in results.into_iter().zip(&cfg.endpoints).zip(clients) {
+        match r {
+            Ok(i) => {
+                tracing::info!(endpoint = c.url(), version = ?i.version, capabilities = ?i.capabilities, "server ready");
+                info.get_or_insert(i);
+                caps.push(ep.concurrency);
+            }
+            Err(e) => {
+                tracing::error!(endpoint = c.url(), error = %e, "server check failed");
+                if clients.len() > 1 {
+                    eprintln!("warning: leaving out {}: {e}", c.url());
+                }
+                first_err.get_or_insert(e);
+                caps.push(0);
+            }
+        }
+    }
+    match (info, first_err) {
+        (Some(i), _) => Ok((caps, i)),
+        (None, Some(e)) => Err(e.into()),
+        (None, None) => anyhow::bail!("no endpoint configured"),
+    }
 }
 
 /// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
@@ -405,8 +492,8 @@ fn new_manifest(cfg: &Config, server_version: Option<String>, plan: &Plan, runs:
         config_path: cfg.path.display().to_string(),
         config: config::snapshot(cfg),
         server: manifest::Server {
-            kind: "ollama".into(),
-            url: cfg.url.clone(),
+            kind: format!("{:?}", cfg.backend().kind).to_lowercase(),
+            urls: cfg.endpoints.iter().map(|e| e.url.clone()).collect(),
             version: server_version,
             model: cfg.backend().model.clone(),
         },
@@ -449,7 +536,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
 
     let dataset = Dataset::open(&paths, &cfg.raw.output.formats)?;
     start_log(&paths.log)?;
-    tracing::info!(config = %cfg.path.display(), url = %cfg.url, model = %cfg.backend().model, rows = plan.rows,
+    tracing::info!(config = %cfg.path.display(), urls = %cfg.urls(), model = %cfg.backend().model, rows = plan.rows,
         requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
     for note in &prior.repairs {
         tracing::warn!("{note}");
@@ -478,31 +565,26 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
         return Ok(Outcome { failed: plan.skipped_failed, interrupted: false });
     }
 
-    let client = OllamaClient::new(&cfg)?;
-    let server = match client.check().await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %format!("{e:#}"), "server check failed");
-            return Err(e);
-        }
-    };
-    tracing::info!(version = ?server.version, capabilities = ?server.capabilities, "server ready");
+    let clients = clients(&cfg)?;
+    let (capacities, server) = check_endpoints(&cfg, &clients).await?;
 
     let mut m = new_manifest(&cfg, server.version.clone(), &plan, runs);
     m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
 
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let display = tokio::spawn(progress::run_display(ev_rx, opts.display.resolve(), Duration::from_secs(5)));
-    let _ = ev_tx.send(Event::Started { total: plan.to_run, already_done: plan.already_done });
+    let endpoint_urls = cfg.endpoints.iter().map(|e| e.url.clone()).collect();
+    let _ = ev_tx.send(Event::Started { total: plan.to_run, already_done: plan.already_done, endpoints: endpoint_urls });
     let mut signals = stop_signals()?;
 
-    let concurrency = cfg.run().concurrency;
+    let concurrency: usize = capacities.iter().sum();
     let (job_tx, mut job_rx) = mpsc::channel::<anyhow::Result<Job>>(concurrency * 2);
     let prior = Arc::new(prior);
     let reader = spawn_reader(planner, prior, (opts.retry_failed, opts.redo_truncated), job_tx);
 
     let ctx = Arc::new(Ctx {
-        client,
+        clients,
+        pool: EndpointPool::new(&capacities),
         cfg: cfg.clone(),
         events: ev_tx.clone(),
         jitter: AtomicU64::new(
@@ -738,15 +820,18 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     for note in &prior.repairs {
         println!("  note: {note}");
     }
-    let client = OllamaClient::new(&cfg)?;
-    let server = client.check().await?;
-    println!(
-        "server:  Ollama {} at {}; model {} is there{}",
-        server.version.as_deref().unwrap_or("(unknown version)"),
-        cfg.url,
-        cfg.backend().model,
-        if server.capabilities.is_empty() { String::new() } else { format!(" ({})", server.capabilities.join(", ")) }
-    );
+    let clients = clients(&cfg)?;
+    for c in &clients {
+        let server = c.check().await?;
+        println!(
+            "server:  {} at {}{}; model {} is there{}",
+            c.kind(),
+            c.url(),
+            server.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default(),
+            cfg.backend().model,
+            if server.capabilities.is_empty() { String::new() } else { format!(" ({})", server.capabilities.join(", ")) }
+        );
+    }
     println!("ready:   the run would make {} requests", plan.to_run);
     Ok(())
 }

