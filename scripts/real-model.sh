@@ -26,6 +26,11 @@ log() { printf '[real-model] %s\n' "$*" >&2; }
 
 setup() {
     mkdir -p "$cache"
+    # One installer at a time (two test processes, or a test and .ci/run).
+    if command -v flock >/dev/null 2>&1; then
+        exec 9>"$cache/.setup.lock"
+        flock 9
+    fi
     if [ ! -f "$stamp" ]; then
         log "installing llama-cpp-python (builds llama.cpp from source, CPU only) and the model into $venv"
         python3 -m venv "$venv"

@@ -2,7 +2,6 @@
 //! (paths made absolute against the config's folder, the server URL chosen, prompt files read)
 //! before anything talks to a server. Every error names the file and the key to fix.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -682,11 +681,6 @@ pub fn snapshot(cfg: &Config) -> Value {
         b.insert("resolved_endpoints".into(), Value::Array(eps));
     }
     v
-}
-
-/// Sorted option pairs, for logs and keys.
-pub fn options_sorted(opts: &Map<String, Value>) -> BTreeMap<&str, &Value> {
-    opts.iter().map(|(k, v)| (k.as_str(), v)).collect()
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ fn key(n: u32) -> String {
     format!("{n:032x}")
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rec(id: &str, sample: u32, model: &str, prompt: &str, response: &str, reason: &str, tokens: u64, n: u32) -> Value {
     json!({
         "id": id, "sample": sample, "model": model, "system": "Sys, \"quoted\"\nline 2",

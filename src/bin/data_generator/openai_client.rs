@@ -85,7 +85,7 @@ impl OpenAiClient {
             .iter()
             .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
             .collect();
-        if !ids.iter().any(|id| *id == self.model) {
+        if !ids.contains(&self.model) {
             return Err(ClientError::Check(format!(
                 "model {:?} is not served at {} (it serves: {}); set backend.model (or --model) to one of those",
                 self.model,

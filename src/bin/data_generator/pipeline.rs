@@ -704,12 +704,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     }
     manifest_result?;
 
-    print_summary(&cfg, &paths, &m, &plan, view.as_ref().map(|v| v.started.elapsed()), stop);
+    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stop);
     Ok(Outcome { failed: failed + plan.skipped_failed, interrupted: stop.is_some() })
 }
 
-fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, elapsed: Option<Duration>, stop: Option<&str>) {
-    let elapsed = elapsed.unwrap_or_default();
+fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, view: Option<&progress::ProgressView>, stop: Option<&str>) {
+    let elapsed = view.map(|v| v.started.elapsed()).unwrap_or_default();
     let secs = elapsed.as_secs_f64();
     let rate = if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 };
     let c = &m.counts;
@@ -725,6 +725,9 @@ fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, e
         println!("{}: {} of {} requests done, {} failed, in {}", cfg.name(), c.done, plan.to_run, c.failed, progress::format_duration(elapsed));
     }
     println!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, rate);
+    for line in view.map(|v| v.endpoint_lines()).unwrap_or_default() {
+        println!("  server:   {line}");
+    }
     if c.already_done > 0 || c.skipped_failed > 0 {
         println!(
             "  resumed:  {} of {} requests were already done{}",
