@@ -164,6 +164,24 @@ pub fn send_error(url: &str, e: &reqwest::Error) -> ClientError {
     }
 }
 
+/// Sends a request whose reply streams, and checks its status. Headers come with the first
+/// token, so the idle limit also covers model load and prompt evaluation. A non-2xx answer is a
+/// `Status` error with the body's message and the server's `retry-after`.
+pub async fn open_stream(req: reqwest::RequestBuilder, url: &str, idle: Duration) -> Result<reqwest::Response, ClientError> {
+    let resp = match tokio::time::timeout(idle, req.send()).await {
+        Err(_) => return Err(ClientError::Idle(idle)),
+        Ok(Err(e)) => return Err(send_error(url, &e)),
+        Ok(Ok(r)) => r,
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let retry_after = retry_after(resp.headers());
+    let body = tokio::time::timeout(idle, resp.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
+    Err(ClientError::Status { url: url.to_owned(), status: status.as_u16(), message: error_message(&body), retry_after })
+}
+
 /// Reply bytes with a limit on the silence between them: a stall ends the stream with an
 /// [`ClientError::Idle`]-shaped I/O error (kind `TimedOut`, see [`idle_error`]).
 pub fn idle_bytes<S>(body: S, idle: Duration) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send

@@ -151,22 +151,12 @@ impl OllamaClient {
         };
         let url = format!("{}{}", self.base, path);
         let http = self.http.post(&url).json(&self.body(req.system, req.prompt, req.options));
-        // Headers arrive with the first token: the idle limit covers model load and prompt evaluation.
-        let resp = match tokio::time::timeout(self.idle, http.send()).await {
-            Err(_) => return Err(ClientError::Idle(self.idle)),
-            Ok(Err(e)) => return Err(backend::send_error(&url, &e)),
-            Ok(Ok(r)) => r,
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = backend::retry_after(resp.headers());
-            let body = tokio::time::timeout(self.idle, resp.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
-            let message = error_message(&body);
-            if status == reqwest::StatusCode::NOT_FOUND && message.contains("not found") {
-                return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() });
+        let resp = match backend::open_stream(http, &url, self.idle).await {
+            Err(ClientError::Status { status: 404, message, .. }) if message.contains("not found") => {
+                return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() })
             }
-            return Err(ClientError::Status { url, status: status.as_u16(), message, retry_after });
-        }
+            r => r?,
+        };
         Ok(decode_reply(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
     }
 }

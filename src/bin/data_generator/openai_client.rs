@@ -117,17 +117,7 @@ impl OpenAiClient {
     async fn send(&self, req: Request<'_>) -> Result<ChunkStream, ClientError> {
         let url = format!("{}/chat/completions", self.base);
         let http = self.authed(self.http.post(&url)).json(&self.body(&req));
-        let resp = match tokio::time::timeout(self.idle, http.send()).await {
-            Err(_) => return Err(ClientError::Idle(self.idle)),
-            Ok(Err(e)) => return Err(backend::send_error(&url, &e)),
-            Ok(Ok(r)) => r,
-        };
-        let status = resp.status();
-        if !status.is_success() {
-            let retry_after = backend::retry_after(resp.headers());
-            let body = tokio::time::timeout(self.idle, resp.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
-            return Err(ClientError::Status { url, status: status.as_u16(), message: error_message(&body), retry_after });
-        }
+        let resp = backend::open_stream(http, &url, self.idle).await?;
         Ok(decode_sse(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
     }
 }
