@@ -452,6 +452,7 @@ impl Bars {
                 if f.tail.is_empty() {
                     let note = match &f.last_error {
                         Some(e) if f.attempt > 1 => format!("retrying after: {e}"),
+                        _ if f.endpoint.is_none() => "queued: waiting for a free server slot…".to_owned(),
                         _ => "waiting for the first token…".to_owned(),
                     };
                     m.push_str(&console::truncate_str(&note, room, "…"));
