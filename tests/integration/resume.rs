@@ -53,6 +53,14 @@ fn wait(child: Child, limit: Duration) -> (i32, String, String, Duration) {
     )
 }
 
+/// Waits (20 s at most) until the fake has seen `n` generation requests.
+fn wait_for_requests(fake: &FakeOllama, n: usize) {
+    let start = Instant::now();
+    while fake.generations().len() < n && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The complete records of the dataset (a torn last line, if any, is not one).
 fn complete_records(dir: &Dir) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(dir.join("out/dataset.jsonl")) else { return Vec::new() };
@@ -154,11 +162,8 @@ fn sigint_once_lets_requests_in_flight_finish() {
     dir.write("run.toml", cfg.toml());
 
     let child = spawn(&dir, &["--config", "run.toml"]);
-    // Wait until two requests are streaming, then Ctrl-C.
-    let start = Instant::now();
-    while fake.generations().len() < 2 && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Once two requests are streaming, Ctrl-C.
+    wait_for_requests(&fake, 2);
     std::thread::sleep(Duration::from_millis(200));
     signal(&child, "-INT");
     let (code, out, err, _) = wait(child, Duration::from_secs(40));
@@ -186,10 +191,7 @@ fn sigint_twice_aborts_at_once() {
     dir.write("run.toml", cfg.toml());
 
     let child = spawn(&dir, &["--config", "run.toml"]);
-    let start = Instant::now();
-    while fake.generations().len() < 2 && start.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_requests(&fake, 2);
     signal(&child, "-INT");
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();

@@ -390,44 +390,75 @@ async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, attempt: u3
     }
     events.push(format!("data: [DONE]{nl}{nl}"));
 
-    let cut = events.len() / 2;
-    let fail_error = directive(prompt, "error", attempt);
-    let fail_truncate = directive(prompt, "truncate", attempt);
-    let fail_drop = directive(prompt, "drop", attempt);
-    let fail_stall = directive(prompt, "stall", attempt);
-    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n").await?;
-    let mut pending: Vec<u8> = Vec::new();
-    for (i, ev) in events.iter().enumerate() {
-        if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-            if fail_error {
-                // vLLM's way: an error event, then [DONE] as if all were well.
-                let e = json!({"error": {"message": "fake engine error: out of memory", "type": "InternalServerError", "code": 500}});
-                send_chunk(sock, format!("data: {e}{nl}{nl}data: [DONE]{nl}{nl}").as_bytes()).await?;
-                return finish_chunked(sock).await;
-            }
-            if fail_truncate {
-                return finish_chunked(sock).await;
-            }
-            if fail_drop {
-                sock.write_all(b"40\r\ndata: {\"id\"").await?;
-                sock.flush().await?;
+    // vLLM's way of failing: an error event, then [DONE] as if all were well.
+    let e = json!({"error": {"message": "fake engine error: out of memory", "type": "InternalServerError", "code": 500}});
+    let stream = Stream {
+        content_type: "text/event-stream",
+        frames: events.into_iter().map(String::into_bytes).collect(),
+        error_frame: format!("data: {e}{nl}{nl}data: [DONE]{nl}{nl}").into_bytes(),
+        drop_prefix: b"data: {\"id\"",
+        delay: opts.token_delay,
+    };
+    stream.send(sock, prompt, attempt, opts, &mut rng).await
+}
+
+/// A streamed reply and how it misbehaves when a directive says so.
+struct Stream {
+    content_type: &'static str,
+    frames: Vec<Vec<u8>>,
+    /// Sent instead of the second half for `error`.
+    error_frame: Vec<u8>,
+    /// The start of a chunk that `drop` announces longer than it is.
+    drop_prefix: &'static [u8],
+    delay: Duration,
+}
+
+impl Stream {
+    async fn send(self, sock: &mut TcpStream, prompt: &str, attempt: u32, opts: &Options, rng: &mut Rng) -> std::io::Result<()> {
+        let fail_error = directive(prompt, "error", attempt);
+        let fail_truncate = directive(prompt, "truncate", attempt);
+        let fail_drop = directive(prompt, "drop", attempt);
+        let fail_stall = directive(prompt, "stall", attempt);
+        let cut = self.frames.len() / 2;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            self.content_type
+        );
+        sock.write_all(head.as_bytes()).await?;
+        let mut pending: Vec<u8> = Vec::new();
+        for (i, frame) in self.frames.iter().enumerate() {
+            if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
+                flush_pieces(sock, &mut pending, rng).await?;
+                if fail_error {
+                    send_chunk(sock, &self.error_frame).await?;
+                    return finish_chunked(sock).await;
+                }
+                if fail_truncate {
+                    return finish_chunked(sock).await;
+                }
+                if fail_drop {
+                    // A chunk announced longer than what is sent, then the socket closes.
+                    sock.write_all(b"40\r\n").await?;
+                    sock.write_all(self.drop_prefix).await?;
+                    sock.flush().await?;
+                    return Ok(());
+                }
+                tokio::time::sleep(opts.stall).await;
                 return Ok(());
             }
-            tokio::time::sleep(opts.stall).await;
-            return Ok(());
+            pending.extend_from_slice(frame);
+            // Several frames often go out in one write; sometimes a frame is cut into many.
+            if rng.below(3) == 0 {
+                flush_pieces(sock, &mut pending, rng).await?;
+            }
+            if !self.delay.is_zero() {
+                flush_pieces(sock, &mut pending, rng).await?;
+                tokio::time::sleep(self.delay).await;
+            }
         }
-        pending.extend_from_slice(ev.as_bytes());
-        if rng.below(3) == 0 {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-        }
-        if !opts.token_delay.is_zero() {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-            tokio::time::sleep(opts.token_delay).await;
-        }
+        flush_pieces(sock, &mut pending, rng).await?;
+        finish_chunked(sock).await
     }
-    flush_pieces(sock, &mut pending, &mut rng).await?;
-    finish_chunked(sock).await
 }
 
 async fn stream_reply(
@@ -482,51 +513,16 @@ async fn stream_reply(
         last["context"] = json!((0..2000).collect::<Vec<u32>>());
     }
 
-    let fail_error = directive(prompt, "error", attempt);
-    let fail_truncate = directive(prompt, "truncate", attempt);
-    let fail_drop = directive(prompt, "drop", attempt);
-    let fail_stall = directive(prompt, "stall", attempt);
+    lines.push(last);
     let slow = directive(prompt, "slow", attempt);
-    let cut = lines.len() / 2;
-
-    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await?;
-    let mut pending: Vec<u8> = Vec::new();
-    for (i, l) in lines.iter().enumerate() {
-        if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-            if fail_error {
-                send_chunk(sock, b"{\"error\":\"an error was encountered while running the model: unexpected EOF\"}\n").await?;
-                return finish_chunked(sock).await;
-            }
-            if fail_truncate {
-                return finish_chunked(sock).await;
-            }
-            if fail_drop {
-                // A chunk announced longer than what is sent, then the socket closes.
-                sock.write_all(b"40\r\n{\"model\":\"").await?;
-                sock.flush().await?;
-                return Ok(());
-            }
-            tokio::time::sleep(opts.stall).await;
-            return Ok(());
-        }
-        pending.extend_from_slice(l.to_string().as_bytes());
-        pending.push(b'\n');
-        // Several lines often go out in one write; sometimes a line is cut into many.
-        if rng.below(3) == 0 {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-        }
-        let delay = if slow { opts.slow_delay } else { opts.token_delay };
-        if !delay.is_zero() {
-            flush_pieces(sock, &mut pending, &mut rng).await?;
-            tokio::time::sleep(delay).await;
-        }
-    }
-    pending.extend_from_slice(last.to_string().as_bytes());
-    pending.push(b'\n');
-    flush_pieces(sock, &mut pending, &mut rng).await?;
-    finish_chunked(sock).await
+    let stream = Stream {
+        content_type: "application/x-ndjson",
+        frames: lines.iter().map(|l| format!("{l}\n").into_bytes()).collect(),
+        error_frame: b"{\"error\":\"an error was encountered while running the model: unexpected EOF\"}\n".to_vec(),
+        drop_prefix: b"{\"model\":\"",
+        delay: if slow { opts.slow_delay } else { opts.token_delay },
+    };
+    stream.send(sock, prompt, attempt, opts, &mut rng).await
 }
 
 /// Writes the pending bytes as several HTTP chunks of random small sizes, each flushed.
