@@ -19,7 +19,16 @@ use data_generator::progress::DisplayMode;
 
 /// Turn a batch of prompts into a training dataset by streaming completions from a local LLM server.
 #[derive(Parser, Debug)]
-#[command(version, about, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:
+  data_generator --config configs/example.toml          run the batch; the same command again resumes it
+  data_generator check --config configs/example.toml    dry run: config, input, server and model, nothing sent
+  data_generator inspect output/example --sample 3      what the dataset holds, with 3 records at random"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
