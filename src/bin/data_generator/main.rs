@@ -25,9 +25,12 @@ use data_generator::progress::DisplayMode;
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true,
     after_help = "Examples:
-  data_generator --config configs/example.toml          run the batch; the same command again resumes it
-  data_generator check --config configs/example.toml    dry run: config, input, server and model, nothing sent
-  data_generator inspect output/example --sample 3      what the dataset holds, with 3 records at random"
+  data_generator --config configs/example.toml
+      Run the batch. The same command again resumes it where it stopped.
+  data_generator check --config configs/example.toml
+      Dry run: config, input, templates, server and model; nothing is sent.
+  data_generator inspect output/example --sample 3
+      What the dataset holds, with 3 records chosen at random."
 )]
 struct Cli {
     #[command(subcommand)]
