@@ -18,7 +18,7 @@ fn main() {
             "--port" => port = value().parse().unwrap_or_else(|_| usage("--port takes a number")),
             "--token-delay-ms" => delay_ms = value().parse().unwrap_or_else(|_| usage("--token-delay-ms takes a number")),
             "--model" => models.push(value()),
-            "-h" | "--help" => usage(""),
+            "-h" | "--help" => help(),
             other => usage(&format!("unknown argument {other}")),
         }
     }
@@ -31,10 +31,48 @@ fn main() {
     }
 }
 
+const USAGE: &str = "usage: fake_ollama [--port 11434] [--token-delay-ms 20] [--model NAME]...";
+
+const HELP: &str = "\
+The test suite's fake Ollama, to try data_generator without a model: it answers every prompt
+with made-up text, on Ollama's API (http://127.0.0.1:PORT) and an OpenAI-compatible one
+(http://127.0.0.1:PORT/v1). Not for training: a dataset made with it says \"fake\": true under
+\"server\" in its manifest.json, so write it to its own folder (--output).
+
+Options:
+  --port N             port on 127.0.0.1 (default 11434; 0 = any free port)
+  --token-delay-ms MS  pause between streamed tokens (default 20)
+  --model NAME         a model it knows, besides fake-model (repeatable)
+  -h, --help           this help
+
+Directives in a prompt make it misbehave: [[NAME]] on every attempt, [[NAMExN]] on the first N
+attempts of that prompt (e.g. [[503x2]]: busy twice, then a normal answer).
+  [[503]]       HTTP 503, server busy
+  [[500]]       HTTP 500, the runner crashed
+  [[400]]       HTTP 400, bad request
+  [[429]]       HTTP 429, rate limited (retry-after: 0)
+  [[error]]     an error line mid-stream
+  [[truncate]]  the stream ends without done
+  [[drop]]      the connection is closed mid-chunk
+  [[stall]]     goes silent mid-stream for 30 s, then closes
+  [[think]]     thinking text first
+  [[length]]    ends with done_reason: length
+  [[slow]]      a pause per token
+  [[nousage]]   OpenAI API only: no usage chunk (as llama-cpp-python streams)
+
+Example:
+  cargo run --release --example fake_ollama -- --port 11999 --model llama3.2:3b &
+  cargo run --release -- --config configs/example.toml --url http://127.0.0.1:11999 --output output/example-fake";
+
+fn help() -> ! {
+    println!("{USAGE}\n\n{HELP}");
+    std::process::exit(0)
+}
+
 fn usage(msg: &str) -> ! {
     if !msg.is_empty() {
         eprintln!("error: {msg}");
     }
-    eprintln!("usage: fake_ollama [--port 11434] [--token-delay-ms 20] [--model NAME]...");
+    eprintln!("{USAGE}\n(--help for the options and the directives)");
     std::process::exit(2)
 }
