@@ -25,6 +25,8 @@ pub type ChunkStream = BoxStream<'static, Result<Chunk, ClientError>>;
 pub struct ServerInfo {
     pub version: Option<String>,
     pub capabilities: Vec<String>,
+    /// The server is the test suite's fake: its text is made up.
+    pub fake: bool,
 }
 
 /// A model server. Implementations are cheap to share between concurrent requests.
@@ -67,6 +69,12 @@ pub struct Stats {
 pub enum ClientError {
     #[error("cannot connect to {url}: {message}")]
     Connect { url: String, message: String },
+    /// The request went out but the connection ended before any answer (a reset, a closed socket).
+    #[error("no answer from {url}: {message}")]
+    NoResponse { url: String, message: String },
+    /// Connected, but no response headers within the idle limit.
+    #[error("{url} sent no answer for {wait:.0?}")]
+    NoAnswer { url: String, wait: Duration },
     #[error("{url} answered HTTP {status}: {message}")]
     Status { url: String, status: u16, message: String, retry_after: Option<Duration> },
     #[error("model {model:?} not found on {url}")]
@@ -75,6 +83,7 @@ pub enum ClientError {
     StreamError(String),
     #[error("the reply ended before the server said it was done (truncated stream)")]
     Truncated,
+    /// No token, thinking text or stats for this long (keep-alive comments and blank lines do not count).
     #[error("no data for {0:.0?}: the request stalled")]
     Idle(Duration),
     #[error("the connection broke while reading the reply: {0}")]
@@ -99,6 +108,22 @@ impl ClientError {
         }
     }
 
+    /// Trouble that says the server itself may be gone, not that this request is bad: no
+    /// connection, a connection closed before any answer, no answer at all, or a gateway/busy
+    /// status (502, 503, 504). Whether it really is down is then asked with a probe.
+    pub fn endpoint_trouble(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::NoResponse { .. } | ClientError::NoAnswer { .. } => true,
+            ClientError::Status { status, .. } => matches!(status, 502..=504),
+            _ => false,
+        }
+    }
+
+    /// A 5xx answer (for the rule that 5xx on every request, across rows, means the server is sick).
+    pub fn server_status(&self) -> bool {
+        matches!(self, ClientError::Status { status, .. } if *status >= 500)
+    }
+
     /// The server's own word on when to come back (429/503 `retry-after`).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -112,7 +137,8 @@ impl ClientError {
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<f64>().ok());
     let secs = get("retry-after-ms").map(|ms| ms / 1000.0).or_else(|| get("retry-after"))?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    // Not capped here: the pipeline caps it at `run.max_retry_after_secs` and says so in the log.
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(1e9)))
 }
 
 /// The message of an error body: `{"error":"..."}`, `{"error":{"message":...}}`, or the text.
@@ -141,11 +167,12 @@ pub fn error_message(body: &[u8]) -> String {
 }
 
 /// An error with its causes, `a: b: c`, as reqwest hides the useful part in the source chain.
+/// Credentials in a URL (`http://user:secret@host`) never make it into the text.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
+    let mut s = crate::config::scrub_credentials(&e.to_string());
     let mut src = e.source();
     while let Some(inner) = src {
-        let t = inner.to_string();
+        let t = crate::config::scrub_credentials(&inner.to_string());
         if !s.contains(&t) {
             s.push_str(": ");
             s.push_str(&t);
@@ -155,12 +182,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-/// Turns a reqwest send error into a client error.
+/// Turns a reqwest send error into a client error: no response came, so the server may be gone.
 pub fn send_error(url: &str, e: &reqwest::Error) -> ClientError {
     if e.is_connect() || e.is_timeout() {
         ClientError::Connect { url: url.to_owned(), message: error_chain(e) }
     } else {
-        ClientError::Body(error_chain(e))
+        ClientError::NoResponse { url: url.to_owned(), message: error_chain(e) }
     }
 }
 
@@ -169,7 +196,7 @@ pub fn send_error(url: &str, e: &reqwest::Error) -> ClientError {
 /// `Status` error with the body's message and the server's `retry-after`.
 pub async fn open_stream(req: reqwest::RequestBuilder, url: &str, idle: Duration) -> Result<reqwest::Response, ClientError> {
     let resp = match tokio::time::timeout(idle, req.send()).await {
-        Err(_) => return Err(ClientError::Idle(idle)),
+        Err(_) => return Err(ClientError::NoAnswer { url: url.to_owned(), wait: idle }),
         Ok(Err(e)) => return Err(send_error(url, &e)),
         Ok(Ok(r)) => r,
     };
@@ -182,46 +209,67 @@ pub async fn open_stream(req: reqwest::RequestBuilder, url: &str, idle: Duration
     Err(ClientError::Status { url: url.to_owned(), status: status.as_u16(), message: error_message(&body), retry_after })
 }
 
-/// Reply bytes with a limit on the silence between them: a stall ends the stream with an
-/// [`ClientError::Idle`]-shaped I/O error (kind `TimedOut`, see [`idle_error`]).
-pub fn idle_bytes<S>(body: S, idle: Duration) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send
-where
-    S: futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
-{
+/// Reply bytes as I/O results for the line framer; a broken connection is an I/O error.
+pub fn body_bytes(resp: reqwest::Response) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
     use futures::StreamExt;
-    futures::stream::unfold(Some(Box::pin(body)), move |state| async move {
-        let mut body = state?;
-        match tokio::time::timeout(idle, body.next()).await {
-            Err(_) => Some((Err(std::io::Error::new(std::io::ErrorKind::TimedOut, IdleMarker(idle))), None)),
-            Ok(Some(Ok(b))) => Some((Ok(b), Some(body))),
-            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(error_chain(&e))), None)),
-            Ok(None) => None,
-        }
-    })
+    resp.bytes_stream().map(|r| r.map_err(|e| std::io::Error::other(error_chain(&e))))
 }
 
-#[derive(Debug)]
-struct IdleMarker(Duration);
-impl std::fmt::Display for IdleMarker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "no data for {:?}", self.0)
-    }
-}
-impl std::error::Error for IdleMarker {}
-
-/// A framing error as a client error: a stall, a broken connection, an overlong line.
+/// A framing error as a client error: a broken connection, an overlong line.
 pub fn frame_error(e: crate::framing::FrameError) -> ClientError {
     use crate::framing::FrameError;
     match e {
-        FrameError::Io(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-            match e.get_ref().and_then(|i| i.downcast_ref::<IdleMarker>()) {
-                Some(IdleMarker(d)) => ClientError::Idle(*d),
-                None => ClientError::Body(e.to_string()),
-            }
-        }
         FrameError::Io(e) => ClientError::Body(e.to_string()),
         e @ FrameError::LineTooLong { .. } => ClientError::Frame(e.to_string()),
     }
+}
+
+/// A reply with a limit on the silence between pieces of *data*: a token, thinking text or the
+/// final stats. Bytes that carry none (SSE `: keep-alive` comments, blank NDJSON lines, empty
+/// deltas) do not reset it, so a server that only keeps the connection warm still stalls out.
+/// One timer per reply, re-armed lazily: each chunk only notes the time.
+pub fn idle_chunks(inner: ChunkStream, idle: Duration) -> ChunkStream {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use tokio::time::{Instant, Sleep};
+
+    struct Idle {
+        inner: ChunkStream,
+        sleep: Pin<Box<Sleep>>,
+        last: Instant,
+        idle: Duration,
+        ended: bool,
+    }
+    impl futures::Stream for Idle {
+        type Item = Result<Chunk, ClientError>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(item)) => {
+                    self.last = Instant::now();
+                    return Poll::Ready(Some(item));
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {}
+            }
+            loop {
+                if self.sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let due = self.last + self.idle;
+                if due <= Instant::now() {
+                    self.ended = true;
+                    return Poll::Ready(Some(Err(ClientError::Idle(self.idle))));
+                }
+                self.sleep.as_mut().reset(due);
+            }
+        }
+    }
+    let now = Instant::now();
+    Box::pin(Idle { inner, sleep: Box::pin(tokio::time::sleep_until(now + idle)), last: now, idle, ended: false })
 }
 
 /// Reply bytes framed into lines.

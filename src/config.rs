@@ -20,6 +20,9 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{path}: `{key}`: {message}")]
     Invalid { path: PathBuf, key: String, message: String },
+    /// A bad value given on the command line (named by its flag, not by run.toml).
+    #[error("{flag}: {message}")]
+    Flag { flag: String, message: String },
     #[error("{path}: `{key}`: cannot read {file}: {source}")]
     File { path: PathBuf, key: String, file: PathBuf, source: std::io::Error },
 }
@@ -92,8 +95,13 @@ pub struct EndpointConfig {
 /// A server the run sends requests to, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
+    /// The URL without credentials: what records, the manifest, the log and messages show.
     pub url: String,
+    /// `user:password` from the URL as written, sent as HTTP basic auth and shown nowhere.
+    pub credentials: Option<(String, Option<String>)>,
     pub concurrency: usize,
+    /// Where the URL came from, for messages: `--url`, `backend.url`, `backend.urls[1]`, `OLLAMA_HOST`.
+    pub source: String,
 }
 
 /// `--shard K/N`: this machine runs the rows whose id hashes to K of N (K from 0).
@@ -168,6 +176,11 @@ pub struct RunSettings {
     /// After Ctrl-C (or SIGTERM), how long requests in flight may take to finish before they are
     /// abandoned.
     pub stop_grace_secs: f64,
+    /// How long the run waits, paused, while every server is down before it stops (exit 1);
+    /// 0 = no pause: connection errors are retried and fail rows as any other error.
+    pub outage_wait_secs: f64,
+    /// A server's `Retry-After` longer than this is capped to it (and logged).
+    pub max_retry_after_secs: f64,
 }
 
 impl Default for RunSettings {
@@ -181,6 +194,8 @@ impl Default for RunSettings {
             retry_base_delay_ms: 500,
             limit: None,
             stop_grace_secs: 30.0,
+            outage_wait_secs: 3600.0,
+            max_retry_after_secs: 120.0,
         }
     }
 }
@@ -276,7 +291,7 @@ pub fn load_with_env(path: &Path, overrides: &Overrides, env: &dyn Fn(&str) -> O
     let mut raw: RunConfig = toml::from_str(&text)
         .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_owned() })?;
     apply_overrides(&mut raw, overrides);
-    let mut cfg = resolve(path, raw, env)?;
+    let mut cfg = resolve(path, raw, env, overrides.url.as_deref())?;
     if let Some(dir) = &overrides.output {
         // As the user typed it: relative to the working directory.
         cfg.output_dir = dir.clone();
@@ -306,7 +321,7 @@ fn apply_overrides(raw: &mut RunConfig, o: &Overrides) {
     }
 }
 
-fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, url_flag: Option<&str>) -> Result<Config, ConfigError> {
     let invalid = |key: &str, message: String| ConfigError::Invalid {
         path: path.to_owned(),
         key: key.to_owned(),
@@ -332,19 +347,25 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) ->
     let per = raw.run.concurrency;
     let mut endpoints = Vec::new();
     if let Some(u) = &b.url {
-        endpoints.push(Endpoint { url: normalize_url(u).map_err(|m| invalid("backend.url", m))?, concurrency: per });
+        let (url, credentials) = split_url(u).map_err(|m| match url_flag {
+            Some(_) => ConfigError::Flag { flag: "--url".into(), message: m },
+            None => invalid("backend.url", m),
+        })?;
+        let source = if url_flag.is_some() { "--url" } else { "backend.url" }.to_owned();
+        endpoints.push(Endpoint { url, credentials, concurrency: per, source });
     }
     for (i, u) in b.urls.iter().flatten().enumerate() {
-        let url = normalize_url(u).map_err(|m| invalid(&format!("backend.urls[{i}]"), m))?;
-        endpoints.push(Endpoint { url, concurrency: per });
+        let source = format!("backend.urls[{i}]");
+        let (url, credentials) = split_url(u).map_err(|m| invalid(&source, m))?;
+        endpoints.push(Endpoint { url, credentials, concurrency: per, source });
     }
     for (i, e) in b.endpoints.iter().flatten().enumerate() {
-        let url = normalize_url(&e.url).map_err(|m| invalid(&format!("backend.endpoints[{i}].url"), m))?;
+        let (url, credentials) = split_url(&e.url).map_err(|m| invalid(&format!("backend.endpoints[{i}].url"), m))?;
         let concurrency = e.concurrency.unwrap_or(per);
         if concurrency == 0 || concurrency > 1024 {
             return Err(invalid(&format!("backend.endpoints[{i}].concurrency"), format!("{concurrency} must be from 1 to 1024")));
         }
-        endpoints.push(Endpoint { url, concurrency });
+        endpoints.push(Endpoint { url, credentials, concurrency, source: format!("backend.endpoints[{i}].url") });
     }
     if b.urls.as_ref().is_some_and(Vec::is_empty) || b.endpoints.as_ref().is_some_and(Vec::is_empty) {
         return Err(invalid("backend.urls", "the list of servers is empty".into()));
@@ -360,7 +381,9 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) ->
             BackendKind::Ollama => {
                 let host = env("OLLAMA_HOST").unwrap_or_default();
                 let url = ollama_host_url(&host).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?;
-                endpoints.push(Endpoint { url, concurrency: per });
+                let (url, credentials) = split_url(&url).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?;
+                let source = if host.trim().is_empty() { "backend.url" } else { "OLLAMA_HOST" }.to_owned();
+                endpoints.push(Endpoint { url, credentials, concurrency: per, source });
             }
             BackendKind::Openai => {
                 return Err(invalid("backend.url", "missing: the API base, e.g. \"http://127.0.0.1:8000/v1\"".into()))
@@ -372,6 +395,19 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) ->
             if set {
                 return Err(invalid(key, "is for kind = \"ollama\" only".into()));
             }
+        }
+    }
+    if let Some(name) = &b.api_key_env {
+        // Checked before the variable is looked up, and the value is never echoed: a pasted key
+        // must not end up in a terminal, a log or a bug report.
+        if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) || name.chars().any(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
+            return Err(invalid(
+                "backend.api_key_env",
+                "the value is not a valid environment variable name (letters, digits and _). It must be the NAME of \
+                 the variable that holds the key, e.g. \"OPENAI_API_KEY\"; the key itself must not be in the config \
+                 (if you pasted it here, remove it and consider it exposed)"
+                    .into(),
+            ));
         }
     }
     let api_key = match &b.api_key_env {
@@ -406,14 +442,6 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) ->
             return Err(invalid("backend.think", format!("{t} must be true, false, \"low\", \"medium\" or \"high\"")));
         }
     }
-    if let Some(name) = &b.api_key_env {
-        if name.is_empty() || name.chars().any(|c| !(c.is_ascii_alphanumeric() || c == '_')) {
-            return Err(invalid(
-                "backend.api_key_env",
-                "must be the NAME of an environment variable (letters, digits, _), never the key itself".into(),
-            ));
-        }
-    }
     validate_options(&raw.options).map_err(|(k, m)| invalid(&format!("options.{k}"), m))?;
 
     let r = &raw.run;
@@ -431,8 +459,14 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>) ->
             return Err(invalid(key, format!("{v} must be a positive number of seconds")));
         }
     }
-    if !(r.stop_grace_secs.is_finite() && r.stop_grace_secs >= 0.0) {
-        return Err(invalid("run.stop_grace_secs", format!("{} must be zero or a positive number of seconds", r.stop_grace_secs)));
+    for (key, v) in [
+        ("run.stop_grace_secs", r.stop_grace_secs),
+        ("run.outage_wait_secs", r.outage_wait_secs),
+        ("run.max_retry_after_secs", r.max_retry_after_secs),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(invalid(key, format!("{v} must be zero or a positive number of seconds")));
+        }
     }
     if r.limit == Some(0) {
         return Err(invalid("run.limit", "must be at least 1 (leave it out for all rows)".into()));
@@ -571,7 +605,19 @@ pub fn unknown_options(opts: &Map<String, Value>) -> Vec<String> {
     opts.keys().filter(|k| !KNOWN_OPTIONS.contains(&k.as_str())).cloned().collect()
 }
 
-fn edit_distance(a: &str, b: &str) -> usize {
+/// `names` sorted by closeness to `name` (edit distance, `:latest` ignored), nearest first.
+pub fn nearest_first(name: &str, mut names: Vec<String>) -> Vec<String> {
+    let want = strip_latest(name);
+    names.sort_by_cached_key(|n| (edit_distance(&strip_latest(n), &want), n.clone()));
+    names
+}
+
+/// A model name without Ollama's default `:latest` tag.
+pub fn strip_latest(name: &str) -> String {
+    name.strip_suffix(":latest").unwrap_or(name).to_lowercase()
+}
+
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -610,14 +656,69 @@ fn valid_go_duration(s: &str) -> bool {
     true
 }
 
-/// A URL from the config or the command line: must be http(s); a trailing slash is dropped.
+/// A URL from the config or the command line: must be http(s) with a host and, when a port is
+/// written, a port; a trailing slash is dropped.
 fn normalize_url(u: &str) -> Result<String, String> {
+    split_url(u).map(|(url, _)| url)
+}
+
+/// [`normalize_url`], with `user:password@` taken out of the URL and returned apart.
+pub fn split_url(u: &str) -> Result<(String, Option<(String, Option<String>)>), String> {
     let u = u.trim();
-    let parsed = reqwest::Url::parse(u).map_err(|e| format!("{u:?} is not a URL: {e}"))?;
+    let shown = scrub_credentials(u);
+    let parsed = reqwest::Url::parse(u).map_err(|e| format!("{shown:?} is not a URL: {e}"))?;
     if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(format!("{u:?}: only http:// and https:// are supported"));
+        return Err(format!("{shown:?}: only http:// and https:// are supported"));
     }
-    Ok(u.trim_end_matches('/').to_owned())
+    // `http://host:` parses as the default port; a port left empty is a slip, not port 80.
+    let authority = u.split_once("://").map(|(_, rest)| rest).unwrap_or(u);
+    let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.ends_with(':') {
+        return Err(format!("{shown:?}: the port after ':' is empty; write the port (e.g. :11434) or leave the ':' out"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?}: no host"));
+    }
+    let credentials = (!parsed.username().is_empty() || parsed.password().is_some())
+        .then(|| (percent_decode(parsed.username()), parsed.password().map(percent_decode)));
+    // The text as written (no normalizing), less the credentials.
+    Ok((shown.trim_end_matches('/').to_owned(), credentials))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes `user:password@` from every URL in a text (messages, logs), keeping scheme, host,
+/// port and path.
+pub fn scrub_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '"' || c == ')').unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => rest = &tail[at + 1..],
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// `OLLAMA_HOST` by Ollama's own rules: empty means localhost:11434; a bare host gets port 11434;
@@ -676,6 +777,21 @@ fn split_host_port(s: &str) -> Option<(&str, &str)> {
 pub fn snapshot(cfg: &Config) -> Value {
     let mut v = serde_json::to_value(&cfg.raw).unwrap_or(Value::Null);
     if let Some(b) = v.get_mut("backend").and_then(Value::as_object_mut) {
+        // URLs as written may hold `user:password@`: never in the manifest.
+        let scrub = |v: &mut Value| {
+            if let Value::String(s) = v {
+                *s = scrub_credentials(s);
+            }
+        };
+        if let Some(u) = b.get_mut("url") {
+            scrub(u);
+        }
+        if let Some(Value::Array(us)) = b.get_mut("urls") {
+            us.iter_mut().for_each(scrub);
+        }
+        if let Some(Value::Array(es)) = b.get_mut("endpoints") {
+            es.iter_mut().filter_map(|e| e.get_mut("url")).for_each(scrub);
+        }
         let eps: Vec<Value> =
             cfg.endpoints.iter().map(|e| serde_json::json!({"url": e.url, "concurrency": e.concurrency})).collect();
         b.insert("resolved_endpoints".into(), Value::Array(eps));
@@ -710,6 +826,23 @@ mod tests {
         }
         assert!(ollama_host_url("ftp://x").is_err());
         assert!(ollama_host_url("host:notaport").is_err());
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_and_need_a_port_when_a_colon_says_so() {
+        let (url, creds) = split_url("http://user:s%40cret@host:8000/v1/").unwrap();
+        assert_eq!(url, "http://host:8000/v1");
+        assert_eq!(creds, Some(("user".to_owned(), Some("s@cret".to_owned()))));
+        assert_eq!(split_url("http://127.0.0.1:11434").unwrap(), ("http://127.0.0.1:11434".to_owned(), None));
+        let err = split_url("http://127.0.0.1:").unwrap_err();
+        assert!(err.contains("port"), "{err}");
+        assert!(split_url("http://127.0.0.1:/v1").is_err());
+        let err = split_url("ftp://u:topsecret@h").unwrap_err();
+        assert!(!err.contains("topsecret"), "{err}");
+        assert_eq!(
+            scrub_credentials("error sending request for url (http://u:pw@h:1/v1/models): refused; see https://a@b/c"),
+            "error sending request for url (http://h:1/v1/models): refused; see https://b/c"
+        );
     }
 
     #[test]

@@ -25,7 +25,15 @@ pub enum DatasetError {
     Open { path: PathBuf, source: io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("{} is in use by {holder}: one run at a time per output folder (wait for it to finish, or give this run another --output)", dir.display())]
+    InUse { dir: PathBuf, holder: String },
 }
+
+/// The lock file in an output folder, held (an OS advisory lock) by the one run writing there.
+pub const LOCK_FILE: &str = ".data_generator.lock";
+/// A few KiB set aside at the start of a run, freed when a write fails for lack of space, so the
+/// manifest can still say how the run ended.
+const RESERVE_FILE: &str = ".data_generator.reserve";
 
 /// The files of one output folder.
 #[derive(Debug, Clone)]
@@ -52,6 +60,104 @@ impl OutputPaths {
 
     pub fn create_dir(&self) -> Result<(), DatasetError> {
         std::fs::create_dir_all(&self.dir).map_err(|source| DatasetError::CreateDir { path: self.dir.clone(), source })
+    }
+}
+
+/// The right to write into an output folder: an exclusive `flock` on its lock file, held for the
+/// whole run. The kernel releases it when the process ends however it ends (kill -9 included),
+/// so a stale lock cannot outlive its run. The file says who holds it, for the message a second
+/// run prints.
+#[derive(Debug)]
+pub struct OutputLock {
+    _file: File,
+}
+
+impl OutputLock {
+    /// Takes the lock of `dir` (which must exist), or says who holds it.
+    pub fn acquire(dir: &Path) -> Result<OutputLock, DatasetError> {
+        let path = dir.join(LOCK_FILE);
+        let open_err = |source| DatasetError::Open { path: path.clone(), source };
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(open_err)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(DatasetError::InUse { dir: dir.to_owned(), holder: holder(&mut file) })
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
+        }
+        let me = format!(
+            "data_generator (pid {}, started {})\n",
+            std::process::id(),
+            crate::progress::clock(std::time::SystemTime::now())
+        );
+        file.set_len(0)
+            .and_then(|_| io::Seek::seek(&mut file, io::SeekFrom::Start(0)))
+            .and_then(|_| file.write_all(me.as_bytes()))
+            .map_err(|source| DatasetError::Write { path: path.clone(), source })?;
+        Ok(OutputLock { _file: file })
+    }
+
+    /// Takes the lock when the folder exists; a folder that does not exist yet has nothing to
+    /// guard (the run takes the lock when it creates it).
+    pub fn acquire_if_exists(dir: &Path) -> Result<Option<OutputLock>, DatasetError> {
+        if dir.is_dir() {
+            Self::acquire(dir).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Fails with [`DatasetError::InUse`] when a run holds the folder; takes nothing, creates nothing.
+    pub fn check_free(dir: &Path) -> Result<(), DatasetError> {
+        let Ok(mut file) = File::open(dir.join(LOCK_FILE)) else { return Ok(()) };
+        match file.try_lock_shared() {
+            Err(std::fs::TryLockError::WouldBlock) => Err(DatasetError::InUse { dir: dir.to_owned(), holder: holder(&mut file) }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Who holds a lock, from its lock file.
+fn holder(file: &mut File) -> String {
+    let mut text = String::new();
+    let _ = io::Read::read_to_string(file, &mut text);
+    let text = text.trim();
+    if text.starts_with("data_generator (pid ") {
+        text.to_owned()
+    } else {
+        "another data_generator run".to_owned()
+    }
+}
+
+/// Space set aside in the output folder (see [`RESERVE_FILE`]); removed when dropped.
+pub struct SpaceReserve {
+    path: Option<PathBuf>,
+}
+
+impl SpaceReserve {
+    /// Best effort: on a disk already full there is nothing to set aside.
+    pub fn create(dir: &Path, bytes: usize) -> SpaceReserve {
+        let path = dir.join(RESERVE_FILE);
+        match std::fs::write(&path, vec![0u8; bytes]).and_then(|_| File::open(&path)?.sync_all()) {
+            Ok(()) => SpaceReserve { path: Some(path) },
+            Err(_) => {
+                let _ = std::fs::remove_file(&path);
+                SpaceReserve { path: None }
+            }
+        }
+    }
+
+    /// Gives the space back (before writing the manifest after a failed write).
+    pub fn release(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for SpaceReserve {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -300,12 +406,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
+    let written = File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
-        f.sync_all()?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
+        // Never leave a half-written (or empty) temp file behind.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
-    std::fs::rename(&tmp, path)?;
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }

@@ -40,6 +40,9 @@ pub struct Server {
     pub urls: Vec<String>,
     pub version: Option<String>,
     pub model: String,
+    /// The server was the test suite's fake: the text is made up; do not train on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fake: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -69,8 +72,9 @@ pub struct Counts {
 pub struct RunEntry {
     pub started_at: String,
     pub ended_at: Option<String>,
-    /// `running`, `completed`, `completed_with_failures`, `interrupted`, `aborted`, `error`,
-    /// or `killed` for a run that never recorded its end (a crash, SIGKILL, power loss).
+    /// `running`, `completed`, `completed_with_failures`, `interrupted`, `aborted`, `failed`
+    /// (a fatal error, in `error`), or `killed` for a run that never recorded its end (a crash,
+    /// SIGKILL, power loss; its counts are then read back from the dataset).
     pub status: String,
     pub error: Option<String>,
     pub requests: u64,
@@ -87,20 +91,33 @@ impl Manifest {
         write_atomic(path, &text)
     }
 
-    /// The runs of an existing manifest; a run still marked running never finished.
-    pub fn prior_runs(path: &Path) -> Vec<RunEntry> {
-        let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
-        let Ok(v) = serde_json::from_slice::<Value>(&bytes) else { return Vec::new() };
-        let runs: Vec<RunEntry> =
-            v.get("runs").cloned().and_then(|r| serde_json::from_value(r).ok()).unwrap_or_default();
-        runs.into_iter()
-            .map(|mut r| {
-                if r.status == "running" {
-                    r.status = "killed".into();
+    /// The runs of an existing manifest, oldest first. A manifest that cannot be read as one is
+    /// moved aside to `manifest.json.corrupt-N` (returned, for a warning) and the history
+    /// starts afresh; the dataset itself is untouched.
+    pub fn prior_runs(path: &Path) -> std::io::Result<(Vec<RunEntry>, Option<std::path::PathBuf>)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+            Err(e) => return Err(e),
+        };
+        let runs = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("runs").cloned())
+            .and_then(|r| serde_json::from_value::<Vec<RunEntry>>(r).ok());
+        match runs {
+            Some(runs) => Ok((runs, None)),
+            None => {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("manifest.json");
+                for n in 1.. {
+                    let to = path.with_file_name(format!("{name}.corrupt-{n}"));
+                    if !to.exists() {
+                        std::fs::rename(path, &to)?;
+                        return Ok((Vec::new(), Some(to)));
+                    }
                 }
-                r
-            })
-            .collect()
+                unreachable!("an unbounded range always yields")
+            }
+        }
     }
 
     pub fn current_run(&mut self) -> Option<&mut RunEntry> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::config::OutputFormat;
-use crate::dataset::{Dataset, DatasetError, OutputPaths};
+use crate::dataset::{Dataset, DatasetError, OutputLock, OutputPaths, LOCK_FILE};
 use crate::inspect::{for_each_record, InspectError, Source};
 use crate::record::{fnv1a64, now_rfc3339, Failure, Record};
 use crate::resume::parse_key;
@@ -43,11 +43,15 @@ fn identity(r: &Record) -> u64 {
 }
 
 pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<MergeStats, MergeError> {
-    if let Ok(mut entries) = std::fs::read_dir(out) {
-        if entries.next().is_some() {
+    OutputLock::check_free(out)?;
+    if let Ok(entries) = std::fs::read_dir(out) {
+        if entries.flatten().any(|e| e.file_name() != LOCK_FILE) {
             return Err(MergeError::NotEmpty(out.to_owned()));
         }
     }
+    OutputPaths::new(out).create_dir()?;
+    // Held until the merge is written: no run may start writing here meanwhile.
+    let _lock = OutputLock::acquire(out)?;
     let sources: Vec<Source> = dirs.iter().map(|d| Source::locate(d)).collect::<Result<_, _>>()?;
 
     // First pass: identities seen more than once, with where their newest record is.

@@ -1,48 +1,85 @@
-//! Progress: the pipeline emits [`Event`]s; a display consumes them. The display keeps only a
-//! view of the run ([`ProgressView`]) built from events, so another consumer (a browser view, a
-//! test) can be fed the same stream. Redraws are paced by a clock, never one per token.
+//! Progress: the pipeline emits [`Event`]s; displays consume them. All state lives in a
+//! [`ProgressView`] built from events, and what the terminal shows is a pure function of that
+//! view ([`ProgressView::frame`]), so another consumer (a browser view, a test) can be fed the
+//! same stream. The terminal is redrawn on a clock (at most [`REDRAW_HZ`] times a second), never
+//! once per token; when no live display is shown, token events are not produced at all.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::mpsc;
 
 pub type JobId = u64;
 
+/// Redraws per second of the terminal display, whatever the token rate.
+pub const REDRAW_HZ: u64 = 15;
+
 /// What happened in the run, as the pipeline saw it.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// Requests this run will make, how many were already done before it, and the servers.
-    Started { total: u64, already_done: u64, endpoints: Vec<String> },
-    /// A request began (its first attempt).
+    /// The batch: its requests (all of them, done before or not), how many were done by earlier
+    /// runs, how many earlier failures are skipped, and the servers.
+    Started { total: u64, already_done: u64, skipped_failed: u64, endpoints: Vec<String> },
+    /// A request was taken up: it waits for a free slot on a server.
     Begin { job: JobId, label: String },
-    /// An attempt of a request went to an endpoint.
+    /// An attempt was sent to an endpoint; nothing has come back yet.
     Attempt { job: JobId, endpoint: usize },
-    /// An endpoint was set aside after failing (`up: false`), or came back.
-    Endpoint { endpoint: usize, up: bool },
-    /// Streamed text arrived; `thinking` for reasoning text.
+    /// The server answered with its headers; the first token has not come yet.
+    Responding { job: JobId },
+    /// Streamed text arrived; `thinking` for reasoning text. Only sent when a display shows it.
     Token { job: JobId, text: String, thinking: bool },
-    /// An attempt failed and another follows after `delay`.
-    Retry { job: JobId, attempt: u32, error: String, delay: Duration },
+    /// An attempt failed; retry number `attempt` of at most `of` starts after `delay`.
+    Retry { job: JobId, attempt: u32, of: u32, error: String, delay: Duration },
+    /// The request waits because its server is down (it spends no retry meanwhile).
+    ServerWait { job: JobId },
     /// The record is complete.
     Done { job: JobId, completion_tokens: u64 },
     /// The request failed for good.
     Failed { job: JobId, label: String, error: String },
+    /// The request was given up without a result (Ctrl-C during a wait, the outage limit).
+    Abandoned { job: JobId },
+    /// An endpoint is down (a probe confirmed it); the next probe is at `next_try`.
+    EndpointDown { endpoint: usize, since: SystemTime, next_try: Instant, error: String },
+    /// A probe answered: the endpoint is back after being down for `after`.
+    EndpointUp { endpoint: usize, after: Duration },
+    /// An endpoint that answers but keeps failing was set aside (`up: false`), or came back.
+    Endpoint { endpoint: usize, up: bool },
     /// No new requests will start (Ctrl-C); those in flight may finish until `deadline`.
     Stopping { signal: String, deadline: Instant },
+    /// The run is over: the display clears itself and returns its view.
+    End,
 }
 
-#[derive(Debug, Clone, Default)]
+/// What a request in flight is doing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase {
+    /// Waiting for a free slot on a server (client-side queue).
+    Queued,
+    /// Sent; no answer yet (the server queues it, or loads the model).
+    Sent,
+    /// Headers came; the server evaluates the prompt.
+    PromptEval,
+    /// Tokens arrive.
+    Streaming,
+    /// A failed attempt; the next one starts at `until`.
+    RetryWait { until: Instant, attempt: u32, of: u32, error: String },
+    /// Its server is down; it waits for one to come back.
+    ServerDown,
+}
+
+#[derive(Debug, Clone)]
 pub struct InFlight {
     pub label: String,
+    pub phase: Phase,
+    /// When the current phase began.
+    pub since: Instant,
     /// The last characters streamed, for a one-line glimpse.
     pub tail: String,
     pub thinking: bool,
     pub attempt: u32,
+    /// Pieces streamed by the current attempt.
     pub chunks: u64,
-    pub last_error: Option<String>,
     pub endpoint: Option<usize>,
 }
 
@@ -55,14 +92,21 @@ pub struct EndpointView {
     pub chunks: u64,
     pub completion_tokens: u64,
     pub set_aside: bool,
+    /// Down since, and the next probe.
+    pub down: Option<(SystemTime, Instant, String)>,
 }
 
 /// The run as events tell it.
 #[derive(Debug, Clone)]
 pub struct ProgressView {
     pub started: Instant,
+    /// Requests of the whole batch.
     pub total: u64,
+    /// Done by earlier runs.
     pub already_done: u64,
+    /// Earlier failures skipped (`--no-retry-failed`).
+    pub skipped_failed: u64,
+    /// Done by this run.
     pub done: u64,
     pub failed: u64,
     /// Streamed chunks (Ollama sends one token a chunk): the live token rate.
@@ -76,7 +120,7 @@ pub struct ProgressView {
     pub endpoints: Vec<EndpointView>,
 }
 
-const TAIL_CHARS: usize = 160;
+const TAIL_CHARS: usize = 200;
 
 impl ProgressView {
     pub fn new() -> ProgressView {
@@ -84,6 +128,7 @@ impl ProgressView {
             started: Instant::now(),
             total: 0,
             already_done: 0,
+            skipped_failed: 0,
             done: 0,
             failed: 0,
             streamed_chunks: 0,
@@ -100,33 +145,54 @@ impl ProgressView {
         self.endpoints.get_mut(e)
     }
 
+    fn set_phase(&mut self, job: JobId, phase: Phase) {
+        if let Some(f) = self.in_flight.get_mut(&job) {
+            f.phase = phase;
+            f.since = Instant::now();
+        }
+    }
+
     pub fn apply(&mut self, ev: &Event) {
         match ev {
-            Event::Started { total, already_done, endpoints } => {
+            Event::Started { total, already_done, skipped_failed, endpoints } => {
                 self.total = *total;
                 self.already_done = *already_done;
+                self.skipped_failed = *skipped_failed;
                 self.started = Instant::now();
                 self.endpoints = endpoints.iter().map(|u| EndpointView { url: u.clone(), ..Default::default() }).collect();
+            }
+            Event::Begin { job, label } => {
+                let f = InFlight {
+                    label: label.clone(),
+                    phase: Phase::Queued,
+                    since: Instant::now(),
+                    tail: String::new(),
+                    thinking: false,
+                    attempt: 1,
+                    chunks: 0,
+                    endpoint: None,
+                };
+                self.in_flight.insert(*job, f);
             }
             Event::Attempt { job, endpoint } => {
                 if let Some(f) = self.in_flight.get_mut(job) {
                     f.endpoint = Some(*endpoint);
+                    f.tail.clear();
+                    f.chunks = 0;
                 }
+                self.set_phase(*job, Phase::Sent);
             }
-            Event::Endpoint { endpoint, up } => {
-                if let Some(e) = self.endpoints.get_mut(*endpoint) {
-                    e.set_aside = !up;
-                }
-            }
-            Event::Begin { job, label } => {
-                self.in_flight.insert(*job, InFlight { label: label.clone(), attempt: 1, ..Default::default() });
-            }
+            Event::Responding { job } => self.set_phase(*job, Phase::PromptEval),
             Event::Token { job, text, thinking } => {
                 self.streamed_chunks += 1;
                 if let Some(e) = self.endpoint_of(*job) {
                     e.chunks += 1;
                 }
                 if let Some(f) = self.in_flight.get_mut(job) {
+                    if f.phase != Phase::Streaming {
+                        f.phase = Phase::Streaming;
+                        f.since = Instant::now();
+                    }
                     f.chunks += 1;
                     if f.thinking != *thinking {
                         f.tail.clear();
@@ -135,7 +201,7 @@ impl ProgressView {
                     push_tail(&mut f.tail, text);
                 }
             }
-            Event::Retry { job, attempt, error, .. } => {
+            Event::Retry { job, attempt, of, error, delay } => {
                 self.retries += 1;
                 if let Some(e) = self.endpoint_of(*job) {
                     e.errors += 1;
@@ -143,8 +209,15 @@ impl ProgressView {
                 if let Some(f) = self.in_flight.get_mut(job) {
                     f.attempt = attempt + 1;
                     f.tail.clear();
-                    f.last_error = Some(error.clone());
                 }
+                let until = Instant::now() + *delay;
+                self.set_phase(*job, Phase::RetryWait { until, attempt: *attempt, of: *of, error: error.clone() });
+            }
+            Event::ServerWait { job } => {
+                if let Some(f) = self.in_flight.get_mut(job) {
+                    f.tail.clear();
+                }
+                self.set_phase(*job, Phase::ServerDown);
             }
             Event::Done { job, completion_tokens } => {
                 self.done += 1;
@@ -162,29 +235,78 @@ impl ProgressView {
                 }
                 self.in_flight.remove(job);
             }
+            Event::Abandoned { job } => {
+                self.in_flight.remove(job);
+            }
+            Event::EndpointDown { endpoint, since, next_try, error } => {
+                if let Some(e) = self.endpoints.get_mut(*endpoint) {
+                    e.down = Some((*since, *next_try, error.clone()));
+                }
+            }
+            Event::EndpointUp { endpoint, .. } => {
+                if let Some(e) = self.endpoints.get_mut(*endpoint) {
+                    e.down = None;
+                }
+            }
+            Event::Endpoint { endpoint, up } => {
+                if let Some(e) = self.endpoints.get_mut(*endpoint) {
+                    e.set_aside = !up;
+                }
+            }
             Event::Stopping { signal, deadline } => self.stopping = Some((signal.clone(), *deadline)),
+            Event::End => {}
         }
     }
 
-    pub fn finished(&self) -> u64 {
-        self.done + self.failed
+    /// Rows of the batch that are in the dataset: done before, or by this run.
+    pub fn done_total(&self) -> u64 {
+        self.already_done + self.done
+    }
+
+    /// Requests of the batch that this run has yet to finish.
+    pub fn left(&self) -> u64 {
+        self.total.saturating_sub(self.done_total() + self.failed + self.skipped_failed)
     }
 
     pub fn rows_per_sec(&self) -> f64 {
         let secs = self.started.elapsed().as_secs_f64();
-        if secs > 0.0 { self.finished() as f64 / secs } else { 0.0 }
+        if secs > 0.0 { (self.done + self.failed) as f64 / secs } else { 0.0 }
     }
 
+    /// Tokens per second: streamed pieces when they are shown, else the finished records' tokens.
     pub fn tokens_per_sec(&self) -> f64 {
         let secs = self.started.elapsed().as_secs_f64();
-        if secs > 0.0 { self.streamed_chunks as f64 / secs } else { 0.0 }
+        let n = if self.streamed_chunks > 0 { self.streamed_chunks } else { self.completion_tokens };
+        if secs > 0.0 { n as f64 / secs } else { 0.0 }
     }
 
-    /// Time left at the pace so far; None before the first row finishes.
+    /// Every endpoint is down: the run is paused.
+    pub fn paused(&self) -> bool {
+        !self.endpoints.is_empty() && self.endpoints.iter().all(|e| e.down.is_some())
+    }
+
+    /// Time left: the pace so far over what is left, and never less than the longest wait a
+    /// request in flight was told to sit out (a server's `Retry-After`). None before the first
+    /// row finishes, or while the run is paused.
     pub fn eta(&self) -> Option<Duration> {
+        if self.paused() {
+            return None;
+        }
+        let now = Instant::now();
+        let wait = self
+            .in_flight
+            .values()
+            .filter_map(|f| match &f.phase {
+                Phase::RetryWait { until, .. } => Some(until.saturating_duration_since(now)),
+                _ => None,
+            })
+            .max();
         let rate = self.rows_per_sec();
-        let left = self.total.saturating_sub(self.finished());
-        (rate > 0.0 && self.finished() > 0).then(|| Duration::from_secs_f64(left as f64 / rate))
+        let pace = (rate > 0.0 && self.done + self.failed > 0).then(|| Duration::from_secs_f64(self.left() as f64 / rate));
+        match (pace, wait) {
+            (Some(p), Some(w)) => Some(p.max(w)),
+            (p, w) => p.or(w.filter(|_| self.left() > 0)),
+        }
     }
 
     /// One line per server when there are several: its share, speed and health.
@@ -196,14 +318,34 @@ impl ProgressView {
         self.endpoints
             .iter()
             .map(|e| {
-                format!(
-                    "{}: {} done · {:.1} tok/s · {} errors{}",
-                    e.url,
-                    e.done,
-                    e.chunks as f64 / secs,
-                    e.errors,
-                    if e.set_aside { " · SET ASIDE (failing)" } else { "" }
-                )
+                let tokens = if self.streamed_chunks > 0 { e.chunks } else { e.completion_tokens };
+                let health = match (&e.down, e.set_aside) {
+                    (Some((since, next, _)), _) => format!(" · DOWN since {}, next try in {}", clock(*since), short_duration(next.saturating_duration_since(Instant::now()))),
+                    (None, true) => " · SET ASIDE (failing)".to_owned(),
+                    (None, false) => String::new(),
+                };
+                format!("{}: {} done · {:.1} tok/s · {} errors{health}", e.url, e.done, tokens as f64 / secs, e.errors)
+            })
+            .collect()
+    }
+
+    /// Servers that are down, as the display and plain lines say it:
+    /// `server down since 02:14:07 (3m05s), next try in 30s`.
+    pub fn outage_lines(&self) -> Vec<String> {
+        let several = self.endpoints.len() > 1;
+        self.endpoints
+            .iter()
+            .filter_map(|e| {
+                let (since, next, _) = e.down.as_ref()?;
+                let down_for = SystemTime::now().duration_since(*since).unwrap_or_default();
+                let who = if several { format!("{} down", e.url) } else { "server down".to_owned() };
+                Some(format!(
+                    "{who} since {} ({}), next try in {}{}",
+                    clock(*since),
+                    short_duration(down_for),
+                    short_duration(next.saturating_duration_since(Instant::now())),
+                    if self.paused() { "; the run is paused" } else { "" }
+                ))
             })
             .collect()
     }
@@ -220,22 +362,97 @@ impl ProgressView {
         ))
     }
 
-    /// One line: counts, rates, ETA.
-    pub fn summary_line(&self) -> String {
-        let eta = match self.eta() {
+    /// `19/40 done, 1 failed` (with `(480 from earlier runs)` on a resumed batch): the same
+    /// numbers on the bar and in the plain lines.
+    pub fn counts(&self, with_earlier: bool) -> String {
+        let mut s = format!("{}/{} done", self.done_total(), self.total);
+        if with_earlier && self.already_done > 0 {
+            s.push_str(&format!(" ({} from earlier runs)", self.already_done));
+        }
+        let failed = self.failed + self.skipped_failed;
+        if failed > 0 {
+            s.push_str(&format!(", {failed} failed"));
+        }
+        s
+    }
+
+    fn eta_text(&self) -> String {
+        match self.eta() {
             Some(d) => format_duration(d),
+            None if self.paused() => "paused".into(),
             None => "?".into(),
-        };
+        }
+    }
+
+    /// One line for logs and non-terminal output: counts, rates, ETA.
+    pub fn summary_line(&self) -> String {
         format!(
-            "{}/{} done, {} failed, {} in flight, {:.2} rows/s, {:.1} tok/s, ETA {}",
-            self.done,
-            self.total,
-            self.failed,
+            "{}, {} in flight, {:.2} rows/s, {:.1} tok/s, ETA {}",
+            self.counts(true),
             self.in_flight.len(),
             self.rows_per_sec(),
             self.tokens_per_sec(),
-            eta
+            self.eta_text()
         )
+    }
+
+    /// The terminal display for a `cols` x `rows` screen: the overall line, outages or the stop
+    /// in progress, one line per server when there are several, and one per request in flight
+    /// (as many as fit). Every line is narrower than the screen, so nothing wraps.
+    pub fn frame(&self, cols: usize, rows: usize, tick: u64) -> Vec<String> {
+        let width = cols.saturating_sub(1).max(20);
+        let mut lines = vec![self.overall_line(width, tick)];
+        match self.stopping_line() {
+            Some(s) => lines.push(fit(&s, width)),
+            None => lines.extend(self.outage_lines().iter().map(|l| fit(l, width))),
+        }
+        lines.extend(self.endpoint_lines().iter().map(|l| fit(&format!("  ⇄ {l}"), width)));
+        let room = rows.saturating_sub(lines.len() + 1).max(1);
+        let n = self.in_flight.len();
+        let show = if n > room { room.saturating_sub(1) } else { n };
+        for f in self.in_flight.values().take(show) {
+            lines.push(request_line(f, width));
+        }
+        if show < n {
+            lines.push(fit(&format!("  … and {} more in flight", n - show), width));
+        }
+        lines
+    }
+
+    /// `⠋ 12:04 [=====>     ] 512/1000 done (480 from earlier runs), 1 failed · 3 in flight · 21 tok/s · ETA 3m05s`,
+    /// its less needed parts dropped to fit `width`; the counts and the ETA always stay.
+    fn overall_line(&self, width: usize, tick: u64) -> String {
+        const SPIN: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        let spin = if self.paused() { '‖' } else { SPIN[(tick % 10) as usize] };
+        let elapsed = format_duration(self.started.elapsed());
+        let eta = format!("ETA {}", self.eta_text());
+        let rate = format!("{:.1} tok/s", self.tokens_per_sec());
+        let flight = format!("{} in flight", self.in_flight.len());
+        let ratio = if self.total > 0 { self.done_total() as f64 / self.total as f64 } else { 0.0 };
+        // Most wanted first; drop from the end of this list until it fits.
+        for (earlier, with_rate, with_flight, bar) in [
+            (true, true, true, 24),
+            (true, true, false, 16),
+            (false, true, false, 16),
+            (false, true, false, 10),
+            (false, false, false, 10),
+            (false, false, false, 0),
+        ] {
+            let mut parts = vec![self.counts(earlier)];
+            if with_flight {
+                parts.push(flight.clone());
+            }
+            if with_rate {
+                parts.push(rate.clone());
+            }
+            parts.push(eta.clone());
+            let bar_text = if bar > 0 { format!(" [{}]", bar_of(ratio, bar)) } else { String::new() };
+            let line = format!("{spin} {elapsed}{bar_text} {}", parts.join(" · "));
+            if console::measure_text_width(&line) <= width {
+                return line;
+            }
+        }
+        fit(&format!("{spin} {} · {eta}", self.counts(false)), width)
     }
 }
 
@@ -243,6 +460,57 @@ impl Default for ProgressView {
     fn default() -> Self {
         ProgressView::new()
     }
+}
+
+fn bar_of(ratio: f64, width: usize) -> String {
+    let filled = ((ratio.clamp(0.0, 1.0) * width as f64) as usize).min(width);
+    let mut s = "=".repeat(filled);
+    if filled < width {
+        s.push('>');
+        s.push_str(&" ".repeat(width - filled - 1));
+    }
+    s
+}
+
+/// `  row 12  streaming 143 tok 21 tok/s │ newest text…`, `  row 7  retry 2/4 in 8s: 503 …`.
+fn request_line(f: &InFlight, width: usize) -> String {
+    let secs = f.since.elapsed();
+    let state = match &f.phase {
+        Phase::Queued => format!("waiting for a free server slot {}", short_duration(secs)),
+        Phase::Sent => format!("queued on server {}", short_duration(secs)),
+        Phase::PromptEval => format!("prompt eval {}", short_duration(secs)),
+        Phase::Streaming => {
+            let rate = f.chunks as f64 / secs.as_secs_f64().max(0.5);
+            format!("{} {} tok {:.0} tok/s", if f.thinking { "thinking" } else { "streaming" }, f.chunks, rate)
+        }
+        Phase::RetryWait { until, attempt, of, error } => format!(
+            "retry {}/{} in {}: {}",
+            attempt,
+            of,
+            short_duration(until.saturating_duration_since(Instant::now())),
+            one_line(error)
+        ),
+        Phase::ServerDown => "server down, waiting".to_owned(),
+    };
+    let head = format!("  {}  {state}", f.label);
+    let head = fit(&head, width);
+    let used = console::measure_text_width(&head);
+    if f.phase == Phase::Streaming && !f.tail.is_empty() && used + 4 < width {
+        // The newest text is what shows the request is alive: keep the end of the tail.
+        format!("{head} │ {}", fit_end(&f.tail, width - used - 3))
+    } else {
+        head
+    }
+}
+
+/// An error message on one line.
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The start of `s` that fits in `cols` columns, with `…` when cut.
+fn fit(s: &str, cols: usize) -> String {
+    console::truncate_str(s, cols, "…").into_owned()
 }
 
 /// Appends streamed text to a one-line tail: whitespace runs become one space, and only the last
@@ -295,6 +563,36 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// `3 m 12 s`, `45 s`, `2 h 05 m`: for messages people read.
+pub fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
+    if h > 0 {
+        format!("{h} h {m:02} m")
+    } else if m > 0 {
+        format!("{m} m {s:02} s")
+    } else {
+        format!("{s} s")
+    }
+}
+
+/// A wall-clock time of day in the machine's local time, as `02:14:07`.
+pub fn clock(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let local = secs + local_offset_secs(secs);
+    let day = local.rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}", day / 3600, day / 60 % 60, day % 60)
+}
+
+/// The local UTC offset at `unix` seconds (from the C library's time zone rules; 0 if unknown).
+fn local_offset_secs(unix: i64) -> i64 {
+    let t: libc::time_t = unix as libc::time_t;
+    // SAFETY: localtime_r writes only into the zeroed `tm` we own; both pointers are valid.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if ok { tm.tm_gmtoff as i64 } else { 0 }
+}
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DisplayMode {
@@ -316,14 +614,19 @@ impl DisplayMode {
             m => m,
         }
     }
+
+    /// Whether token events are worth producing: only a live display shows them.
+    pub fn wants_tokens(self) -> bool {
+        self == DisplayMode::Bars
+    }
 }
 
-/// Consumes events until the channel closes; returns the final view.
+/// Consumes events until [`Event::End`] (or the channel closes); returns the final view.
 pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMode, plain_every: Duration) -> ProgressView {
     let mut view = ProgressView::new();
-    let mut bars = (mode == DisplayMode::Bars).then(Bars::new);
+    let mut screen = (mode == DisplayMode::Bars).then(Screen::new);
     let tick = match mode {
-        DisplayMode::Bars => Duration::from_millis(100),
+        DisplayMode::Bars => Duration::from_millis(1000 / REDRAW_HZ),
         _ => plain_every,
     };
     let mut clock = tokio::time::interval(tick);
@@ -332,23 +635,21 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {
+                None | Some(Event::End) => break,
                 Some(ev) => {
                     view.apply(&ev);
-                    match (&mut bars, &ev) {
-                        (Some(b), _) => b.on_event(&ev, &view),
-                        (None, Event::Failed { label, error, .. }) if mode == DisplayMode::Plain => {
-                            eprintln!("failed: {label}: {error}");
+                    if let Some(line) = notice(&ev, &view) {
+                        match &mut screen {
+                            Some(s) => s.print_above(&line, &view),
+                            None if mode == DisplayMode::Plain => eprintln!("{line}"),
+                            None => {}
                         }
-                        (None, Event::Stopping { .. }) if mode == DisplayMode::Plain => {
-                            eprintln!("{}", view.stopping_line().unwrap_or_default());
-                        }
-                        _ => {}
                     }
                 }
                 None => break,
             },
-            _ = clock.tick() => match &mut bars {
-                Some(b) => b.redraw(&view),
+            _ = clock.tick() => match &mut screen {
+                Some(s) => s.draw(&view),
                 None if mode == DisplayMode::Plain && view.total > 0 => {
                     eprintln!("[{}] {}", format_duration(view.started.elapsed()), view.summary_line());
                     for line in view.endpoint_lines() {
@@ -359,117 +660,95 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
             },
         }
     }
-    if let Some(b) = bars {
-        b.clear();
+    if let Some(s) = screen {
+        s.clear();
     }
     let _ = std::io::stderr().flush();
     view
 }
 
-/// The terminal display: an overall bar and one line per request in flight.
-struct Bars {
-    multi: MultiProgress,
-    overall: ProgressBar,
-    endpoint_lines: Vec<ProgressBar>,
-    lines: BTreeMap<JobId, ProgressBar>,
-    line_style: ProgressStyle,
+/// A line worth keeping in the scrollback (printed above the live display, or as a plain line).
+fn notice(ev: &Event, view: &ProgressView) -> Option<String> {
+    let url = |e: &usize| view.endpoints.get(*e).map(|v| v.url.clone()).unwrap_or_default();
+    match ev {
+        Event::Failed { label, error, .. } => Some(format!("failed: {label}: {error}")),
+        Event::Stopping { .. } => view.stopping_line(),
+        Event::EndpointDown { endpoint, since, next_try, error } => Some(format!(
+            "server down since {} ({}): {}; next try in {}",
+            clock(*since),
+            url(endpoint),
+            one_line(error),
+            short_duration(next_try.saturating_duration_since(Instant::now()))
+        )),
+        Event::EndpointUp { endpoint, after } => Some(format!("server back after {} ({})", short_duration(*after), url(endpoint))),
+        Event::Endpoint { endpoint, up: false } => Some(format!("set aside for a while, it keeps failing: {}", url(endpoint))),
+        _ => None,
+    }
 }
 
-impl Bars {
-    fn new() -> Bars {
-        let color = std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
-        let overall_tpl = if color {
-            "{spinner:.green} [{elapsed_precise}] [{bar:24.cyan/blue}] {pos}/{len} {wide_msg}"
-        } else {
-            "{spinner} [{elapsed_precise}] [{bar:24}] {pos}/{len} {wide_msg}"
-        };
-        let line_tpl = if color { "  {prefix:.bold.dim} {msg}" } else { "  {prefix} {msg}" };
-        let overall = multi.add(ProgressBar::new(0));
-        overall.set_style(
-            ProgressStyle::with_template(overall_tpl).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
-        );
-        let line_style = ProgressStyle::with_template(line_tpl).unwrap_or_else(|_| ProgressStyle::default_spinner());
-        Bars { multi, overall, endpoint_lines: Vec::new(), lines: BTreeMap::new(), line_style }
+/// The live terminal display: a frame of lines redrawn in place at the bottom of the screen.
+/// Each redraw moves up over the last frame, clears to the end of the screen and writes the new
+/// one, every line shorter than the screen is wide; so a `^C` echoed by the terminal, or a
+/// resize, never leaves a stale line behind.
+struct Screen {
+    term: console::Term,
+    height: usize,
+    last: Vec<String>,
+    tick: u64,
+}
+
+impl Screen {
+    fn new() -> Screen {
+        Screen { term: console::Term::stderr(), height: 0, last: Vec::new(), tick: 0 }
     }
 
-    fn on_event(&mut self, ev: &Event, view: &ProgressView) {
-        match ev {
-            Event::Started { total, endpoints, .. } => {
-                self.overall.set_length(*total);
-                if endpoints.len() > 1 {
-                    for _ in endpoints {
-                        let bar = self.multi.insert_after(self.endpoint_lines.last().unwrap_or(&self.overall), ProgressBar::new_spinner());
-                        bar.set_style(self.line_style.clone());
-                        bar.set_prefix("⇄");
-                        self.endpoint_lines.push(bar);
-                    }
-                }
-            }
-            Event::Begin { job, label } => {
-                let bar = self.multi.add(ProgressBar::new_spinner());
-                bar.set_style(self.line_style.clone());
-                bar.set_prefix(label.clone());
-                bar.set_message("waiting for the first token…");
-                self.lines.insert(*job, bar);
-            }
-            Event::Done { job, .. } | Event::Failed { job, .. } => {
-                if let Some(bar) = self.lines.remove(job) {
-                    bar.finish_and_clear();
-                    self.multi.remove(&bar);
-                }
-                self.overall.set_position(view.finished());
-            }
-            Event::Token { .. } | Event::Retry { .. } | Event::Stopping { .. } | Event::Attempt { .. } | Event::Endpoint { .. } => {}
-        }
-        if let Event::Failed { label, error, .. } = ev {
-            let _ = self.multi.println(format!("failed: {label}: {error}"));
-        }
+    fn size(&self) -> (usize, usize) {
+        let (rows, cols) = self.term.size();
+        (usize::from(cols).max(20), usize::from(rows).max(4))
     }
 
-    fn redraw(&mut self, view: &ProgressView) {
-        let cols = usize::from(console::Term::stderr().size().1).max(20);
-        let eta = view.eta().map(format_duration).unwrap_or_else(|| "?".into());
-        let msg = view.stopping_line().unwrap_or_else(|| {
-            format!("failed {} · {:.2} rows/s · {:.1} tok/s · ETA {}", view.failed, view.rows_per_sec(), view.tokens_per_sec(), eta)
-        });
-        self.overall.set_message(msg);
-        self.overall.tick();
-        for (bar, line) in self.endpoint_lines.iter().zip(view.endpoint_lines()) {
-            bar.set_message(line);
+    fn draw(&mut self, view: &ProgressView) {
+        self.tick += 1;
+        let (cols, rows) = self.size();
+        let lines = view.frame(cols, rows, self.tick);
+        if lines == self.last {
+            return;
         }
-        for (job, bar) in &self.lines {
-            if let Some(f) = view.in_flight.get(job) {
-                let mut m = String::new();
-                if f.attempt > 1 {
-                    m.push_str(&format!("(attempt {}) ", f.attempt));
-                }
-                if f.thinking {
-                    m.push_str("thinking: ");
-                }
-                // The newest text is what shows the request is alive: keep the end of the tail.
-                let room = cols.saturating_sub(6 + console::measure_text_width(&f.label) + console::measure_text_width(&m));
-                if f.tail.is_empty() {
-                    let note = match &f.last_error {
-                        Some(e) if f.attempt > 1 => format!("retrying after: {e}"),
-                        _ if f.endpoint.is_none() => "queued: waiting for a free server slot…".to_owned(),
-                        _ => "waiting for the first token…".to_owned(),
-                    };
-                    m.push_str(&console::truncate_str(&note, room, "…"));
-                } else {
-                    m.push_str(fit_end(&f.tail, room));
-                }
-                bar.set_message(m);
-            }
+        let mut out = self.erase();
+        for l in &lines {
+            out.push_str(l);
+            out.push('\n');
         }
+        self.height = lines.len();
+        self.last = lines;
+        let _ = self.term.write_str(&out);
+        let _ = self.term.flush();
     }
 
-    fn clear(self) {
-        for bar in self.lines.values().chain(&self.endpoint_lines) {
-            bar.finish_and_clear();
+    /// Moves up over the last frame and clears from there down.
+    fn erase(&mut self) -> String {
+        let mut out = String::new();
+        if self.height > 0 {
+            out.push_str(&format!("\r\x1b[{}A", self.height));
         }
-        self.overall.finish_and_clear();
-        let _ = self.multi.clear();
+        out.push_str("\r\x1b[J");
+        self.height = 0;
+        self.last.clear();
+        out
+    }
+
+    fn print_above(&mut self, line: &str, view: &ProgressView) {
+        let mut out = self.erase();
+        out.push_str(line);
+        out.push('\n');
+        let _ = self.term.write_str(&out);
+        self.draw(view);
+    }
+
+    fn clear(mut self) {
+        let out = self.erase();
+        let _ = self.term.write_str(&out);
+        let _ = self.term.flush();
     }
 }
 
@@ -477,22 +756,89 @@ impl Bars {
 mod tests {
     use super::*;
 
+    fn started(total: u64, already: u64, endpoints: usize) -> ProgressView {
+        let mut v = ProgressView::new();
+        let urls = (0..endpoints).map(|i| format!("http://127.0.0.1:{}", 8000 + i)).collect();
+        v.apply(&Event::Started { total, already_done: already, skipped_failed: 0, endpoints: urls });
+        v
+    }
+
     #[test]
     fn view_follows_events() {
-        let mut v = ProgressView::new();
-        v.apply(&Event::Started { total: 3, already_done: 0, endpoints: vec!["a".into(), "b".into()] });
+        let mut v = started(3, 0, 2);
         v.apply(&Event::Begin { job: 1, label: "row 1".into() });
+        assert_eq!(v.in_flight[&1].phase, Phase::Queued);
         v.apply(&Event::Attempt { job: 1, endpoint: 1 });
+        assert_eq!(v.in_flight[&1].phase, Phase::Sent);
+        v.apply(&Event::Responding { job: 1 });
+        assert_eq!(v.in_flight[&1].phase, Phase::PromptEval);
         v.apply(&Event::Token { job: 1, text: "Hello\n\n world".into(), thinking: false });
         assert_eq!(v.in_flight[&1].tail, "Hello world");
-        v.apply(&Event::Retry { job: 1, attempt: 1, error: "boom".into(), delay: Duration::ZERO });
+        assert_eq!(v.in_flight[&1].phase, Phase::Streaming);
+        v.apply(&Event::Retry { job: 1, attempt: 1, of: 5, error: "boom".into(), delay: Duration::from_secs(8) });
         assert_eq!(v.in_flight[&1].attempt, 2);
         assert!(v.in_flight[&1].tail.is_empty());
+        assert!(v.eta().is_some_and(|d| d > Duration::from_secs(6)), "a retry wait counts in the ETA");
         v.apply(&Event::Done { job: 1, completion_tokens: 7 });
         assert_eq!((v.done, v.completion_tokens, v.in_flight.len()), (1, 7, 0));
         assert_eq!((v.endpoints[1].done, v.endpoints[1].errors, v.endpoints[1].chunks), (1, 1, 1));
         assert_eq!(v.endpoints[0].done, 0);
         assert_eq!(v.endpoint_lines().len(), 2);
+    }
+
+    #[test]
+    fn counts_cover_the_whole_batch_and_keep_failures_beside() {
+        let mut v = started(1000, 480, 1);
+        for job in 0..33 {
+            v.apply(&Event::Begin { job, label: format!("row {job}") });
+            v.apply(&Event::Done { job, completion_tokens: 1 });
+        }
+        v.apply(&Event::Begin { job: 99, label: "row 99".into() });
+        v.apply(&Event::Failed { job: 99, label: "row 99".into(), error: "x".into() });
+        assert_eq!(v.counts(true), "513/1000 done (480 from earlier runs), 1 failed");
+        assert!(v.summary_line().starts_with("513/1000 done (480 from earlier runs), 1 failed, 0 in flight"));
+        assert_eq!(v.left(), 1000 - 513 - 1);
+    }
+
+    #[test]
+    fn frames_fit_the_screen_and_keep_the_eta() {
+        let mut v = started(40, 0, 1);
+        for job in 0..30 {
+            v.apply(&Event::Begin { job, label: format!("row {job}") });
+            v.apply(&Event::Attempt { job, endpoint: 0 });
+        }
+        for job in 0..5 {
+            v.apply(&Event::Token { job, text: "日本語のテキスト 🎉 and a long answer that goes on and on ".repeat(4), thinking: false });
+        }
+        v.apply(&Event::Retry { job: 6, attempt: 2, of: 5, error: "HTTP 503: server busy,\nplease try again".into(), delay: Duration::from_secs(8) });
+        v.apply(&Event::Done { job: 29, completion_tokens: 10 });
+        for (cols, rows) in [(80, 24), (200, 50), (40, 10)] {
+            let frame = v.frame(cols, rows, 3);
+            assert!(frame.len() < rows, "{cols}x{rows}: {} lines", frame.len());
+            for l in &frame {
+                assert!(console::measure_text_width(l) < cols, "{cols}: {l:?} is {} wide", console::measure_text_width(l));
+            }
+            assert!(frame[0].contains("1/40 done") && frame[0].contains("ETA"), "{:?}", frame[0]);
+            assert!(frame.iter().any(|l| l.contains("more in flight")) || rows >= 50, "{frame:?}");
+        }
+        let wide = v.frame(200, 50, 0);
+        assert!(wide.iter().any(|l| l.contains("retry 2/5 in") && l.contains("503: server busy, please")), "{wide:#?}");
+        assert!(wide.iter().any(|l| l.contains("queued on server")), "{wide:#?}");
+        assert!(wide.iter().any(|l| l.contains("streaming") && l.contains("│")), "{wide:#?}");
+    }
+
+    #[test]
+    fn an_outage_is_told_with_its_start_and_next_try() {
+        let mut v = started(10, 0, 1);
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(2 * 3600 + 14 * 60 + 7);
+        v.apply(&Event::EndpointDown { endpoint: 0, since, next_try: Instant::now() + Duration::from_secs(30), error: "refused".into() });
+        assert!(v.paused() && v.eta().is_none());
+        let l = &v.outage_lines()[0];
+        assert!(l.starts_with("server down since 02:14:07 ("), "{l}");
+        assert!(l.contains("next try in 29 s") || l.contains("next try in 30 s"), "{l}");
+        assert!(v.frame(80, 24, 0)[0].contains("ETA paused"));
+        v.apply(&Event::EndpointUp { endpoint: 0, after: Duration::from_secs(192) });
+        assert!(v.outage_lines().is_empty() && !v.paused());
     }
 
     #[test]
@@ -517,5 +863,7 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(5)), "5s");
         assert_eq!(format_duration(Duration::from_secs(65)), "1m05s");
         assert_eq!(format_duration(Duration::from_secs(3723)), "1h02m03s");
+        assert_eq!(short_duration(Duration::from_secs(192)), "3 m 12 s");
+        assert_eq!(short_duration(Duration::from_secs(30)), "30 s");
     }
 }

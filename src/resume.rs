@@ -23,6 +23,14 @@ pub enum ResumeError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path}:{line}: not a dataset record ({message}); fix or remove that line, or start over with --fresh")]
     BadLine { path: PathBuf, line: u64, message: String },
+    #[error(
+        "{jsonl} is missing or empty, but {csv} holds {records} records. The JSONL is the dataset's truth (the CSV \
+         lacks each record's input row), so nothing was run: running now would redo all of that work.\n\
+         Restore {jsonl} (from a backup or the trash), or rebuild it from the CSV (the records lose their `input` \
+         rows) with:\n    data_generator export {csv} --format jsonl -o {jsonl}\n\
+         or start over, keeping the old folder aside, with --fresh."
+    )]
+    JsonlMissing { jsonl: PathBuf, csv: PathBuf, records: u64 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ResumeError + '_ {
@@ -45,6 +53,10 @@ pub struct Prior {
     pub failed: HashSet<u128>,
     /// Records in `dataset.jsonl`.
     pub records: u64,
+    /// Records and failures written at or after the `since` time given to [`load`]: what a
+    /// run that never recorded its end (killed) had finished.
+    pub records_since: u64,
+    pub failures_since: u64,
     /// What was repaired, for the log and the user.
     pub repairs: Vec<String>,
 }
@@ -82,6 +94,12 @@ pub fn cut_torn_tail(path: &Path) -> Result<Option<String>, ResumeError> {
     let mut torn = Vec::with_capacity((len - keep) as usize);
     f.seek(SeekFrom::Start(keep)).map_err(io_err(path))?;
     f.read_to_end(&mut torn).map_err(io_err(path))?;
+    // A whole record whose newline was stripped (an editor does that) is no torn write: keep it.
+    if serde_json::from_slice::<serde_json::Value>(&torn).is_ok_and(|v| v.is_object()) {
+        f.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+        f.write_all(b"\n").and_then(|_| f.sync_all()).map_err(io_err(path))?;
+        return Ok(Some(format!("{}: the last record had no newline at its end; added it", path.display())));
+    }
     let saved = save_aside(path, "torn", &torn)?;
     f.set_len(keep).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))?;
@@ -150,8 +168,12 @@ fn has_torn_tail(path: &Path) -> Result<bool, ResumeError> {
 
 /// Reads the keys of the dataset's records and failures; with `order`, also each record's key in
 /// file order (0 for a record without one), for reconciling the CSV.
-fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>) -> Result<Prior, ResumeError> {
+fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>, since: Option<&str>) -> Result<Prior, ResumeError> {
     let mut prior = Prior::default();
+    let mut records_since = 0u64;
+    let mut failures_since = 0u64;
+    // RFC 3339 UTC times of one format compare as text.
+    let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
     let mut last_reason: HashMap<u128, bool> = HashMap::new();
     let mut order = order;
     let mut note = |key: Option<u128>, truncated: bool| {
@@ -169,14 +191,20 @@ fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>)
             note(key, reason.as_deref() == Some("length"));
         }
     } else {
-        read_jsonl::<Record>(&paths.jsonl, |r, _| note(parse_key(&r.key), r.done_reason.as_deref() == Some("length")))?;
+        read_jsonl::<Record>(&paths.jsonl, |r, _| {
+            records_since += u64::from(after(&r.finished_at));
+            note(parse_key(&r.key), r.done_reason.as_deref() == Some("length"))
+        })?;
     }
     prior.truncated = last_reason.into_iter().filter(|(_, t)| *t).map(|(k, _)| k).collect();
     read_jsonl::<Failure>(&paths.failures, |f, _| {
+        failures_since += u64::from(after(&f.when));
         if let Some(k) = parse_key(&f.key) {
             prior.failed.insert(k);
         }
     })?;
+    prior.records_since = records_since;
+    prior.failures_since = failures_since;
     prior.failed.retain(|k| !prior.done.contains(k));
     Ok(prior)
 }
@@ -189,19 +217,43 @@ fn csv_only(paths: &OutputPaths, formats: &[OutputFormat]) -> bool {
 /// Reads what the folder holds without changing anything (for a dry run): torn tails are
 /// noted, not cut, and the CSV is not reconciled.
 pub fn scan(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+    refuse_csv_without_jsonl(paths, formats)?;
     let mut notes = Vec::new();
     for p in [&paths.jsonl, &paths.failures] {
         if has_torn_tail(p)? {
             notes.push(format!("{}: has a torn last line; a run will cut it off and keep it aside", p.display()));
         }
     }
-    let mut prior = read_back(paths, csv_only(paths, formats), None)?;
+    let mut prior = read_back(paths, csv_only(paths, formats), None, None)?;
     prior.repairs = notes;
     Ok(prior)
 }
 
-/// Repairs the folder's files and reads what they hold.
-pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+/// A CSV with records beside a JSONL that is gone: rebuilding the CSV from the JSONL would set
+/// every record aside and run the whole batch again. Refuse, and say how to get the JSONL back.
+fn refuse_csv_without_jsonl(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<(), ResumeError> {
+    if !formats.contains(&OutputFormat::Jsonl) {
+        return Ok(());
+    }
+    let jsonl_len = match std::fs::metadata(&paths.jsonl) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io_err(&paths.jsonl)(e)),
+    };
+    if jsonl_len > 0 {
+        return Ok(());
+    }
+    let records = csv_keys(&paths.csv)?.len() as u64;
+    if records == 0 {
+        return Ok(());
+    }
+    Err(ResumeError::JsonlMissing { jsonl: paths.jsonl.clone(), csv: paths.csv.clone(), records })
+}
+
+/// Repairs the folder's files and reads what they hold. `since` (an RFC 3339 time) asks for the
+/// count of records and failures finished from then on (see [`Prior::records_since`]).
+pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>) -> Result<Prior, ResumeError> {
+    refuse_csv_without_jsonl(paths, formats)?;
     let mut repairs = Vec::new();
     for p in [&paths.jsonl, &paths.failures] {
         repairs.extend(cut_torn_tail(p)?);
@@ -212,7 +264,7 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, Resu
         repairs.extend(cut_torn_csv(&paths.csv)?);
     }
     let mut order = Vec::new();
-    let mut prior = read_back(paths, only_csv, Some(&mut order))?;
+    let mut prior = read_back(paths, only_csv, Some(&mut order), since)?;
     if !only_csv && formats.contains(&OutputFormat::Csv) {
         repairs.extend(reconcile_csv(&paths.csv, &paths.jsonl, &order)?);
     }
@@ -386,6 +438,11 @@ mod tests {
         cut_torn_tail(&p).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"");
         assert!(dir.path().join("dataset.jsonl.torn-2").exists());
+        // A whole record without its newline is kept, and the newline added.
+        std::fs::write(&p, b"{\"a\":1}\n{\"b\":2}").unwrap();
+        let note = cut_torn_tail(&p).unwrap().unwrap();
+        assert!(note.contains("added"), "{note}");
+        assert_eq!(std::fs::read(&p).unwrap(), b"{\"a\":1}\n{\"b\":2}\n");
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod util;
 mod errors;
 mod inspect;
 mod memory;
+mod overnight;
 mod pipeline;
 mod real_model;
 mod resume;

@@ -7,7 +7,12 @@
 //! `[[namexN]]` (the first N attempts of that prompt, then normal):
 //! `503`, `500`, `400`, `429` (with `retry-after: 0`), `error` (an error line mid-stream),
 //! `truncate` (ends without `done`), `drop` (connection closed mid-chunk), `stall` (goes silent),
+//! `keepalive` (halfway, only keep-alives: SSE `: keep-alive` comments or blank NDJSON lines, a
+//! few a second, never data), `wait3600` (429 with `Retry-After: 3600`),
 //! `think` (thinking text first), `length` (`done_reason: length`), `slow` (a pause per token).
+//!
+//! Every answer carries the header `x-data-generator-fake: 1`, so that the tool can mark a
+//! dataset made from its made-up text.
 //!
 //! It also speaks the OpenAI-compatible API (`GET /v1/models`, `POST /v1/chat/completions`,
 //! answered in Server-Sent Events with comments, `event:` lines, CRLF line ends and multi-line
@@ -229,13 +234,16 @@ async fn respond_json(sock: &mut TcpStream, status: u16, extra: &str, body: &Val
         _ => "Status",
     };
     let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n{extra}{FAKE_HEADER}Connection: close\r\n\r\n",
         body.len()
     );
     sock.write_all(head.as_bytes()).await?;
     sock.write_all(body.as_bytes()).await?;
     sock.shutdown().await
 }
+
+/// The header that says an answer came from this fake.
+const FAKE_HEADER: &str = "x-data-generator-fake: 1\r\n";
 
 /// Directive `name` in the prompt: Some(true) when it applies to this attempt.
 fn directive(prompt: &str, name: &str, attempt: u32) -> bool {
@@ -298,6 +306,10 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
     match (method.as_str(), path.as_str()) {
         ("GET", "/") => respond_json(&mut sock, 200, "", &json!("Ollama is running")).await,
         ("GET", "/api/version") => respond_json(&mut sock, 200, "", &json!({"version": "0.12.6-fake"})).await,
+        ("GET", "/api/tags") => {
+            let models: Vec<Value> = opts.models.iter().map(|m| json!({"name": m, "model": m, "size": 1})).collect();
+            respond_json(&mut sock, 200, "", &json!({ "models": models })).await
+        }
         ("POST", "/api/show") => {
             if opts.models.contains(&model) {
                 respond_json(&mut sock, 200, "", &json!({"capabilities": ["completion", "thinking"], "details": {"family": "fake"}})).await
@@ -315,9 +327,14 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
                 ("500", 500, "llama runner process has terminated: exit status 2"),
                 ("400", 400, "invalid options: bad request"),
                 ("429", 429, "rate limited"),
+                ("wait3600", 429, "rate limited: come back in an hour"),
             ] {
                 if directive(&p, name, attempt) {
-                    let extra = if status == 429 { "Retry-After: 0\r\n" } else { "" };
+                    let extra = match name {
+                        "429" => "Retry-After: 0\r\n",
+                        "wait3600" => "Retry-After: 3600\r\n",
+                        _ => "",
+                    };
                     return respond_json(&mut sock, status, extra, &json!({ "error": msg })).await;
                 }
             }
@@ -333,9 +350,13 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
                 return respond_json(&mut sock, 404, "", &json!({"error": {"message": msg, "type": "NotFoundError", "code": 404}})).await;
             }
             let p = prompt.unwrap_or_default();
-            for (name, status) in [("503", 503), ("500", 500), ("400", 400), ("429", 429)] {
+            for (name, status) in [("503", 503), ("500", 500), ("400", 400), ("429", 429), ("wait3600", 429)] {
                 if directive(&p, name, attempt) {
-                    let extra = if status == 429 { "retry-after-ms: 20\r\n" } else { "" };
+                    let extra = match name {
+                        "429" => "retry-after-ms: 20\r\n",
+                        "wait3600" => "Retry-After: 3600\r\n",
+                        _ => "",
+                    };
                     let body = json!({"error": {"message": format!("fake error {status}"), "type": "server_error", "code": status}});
                     return respond_json(&mut sock, status, extra, &body).await;
                 }
@@ -393,6 +414,7 @@ async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, attempt: u3
     // vLLM's way of failing: an error event, then [DONE] as if all were well.
     let e = json!({"error": {"message": "fake engine error: out of memory", "type": "InternalServerError", "code": 500}});
     let stream = Stream {
+        keepalive_frame: format!(": keep-alive{nl}{nl}").into_bytes(),
         content_type: "text/event-stream",
         frames: events.into_iter().map(String::into_bytes).collect(),
         error_frame: format!("data: {e}{nl}{nl}data: [DONE]{nl}{nl}").into_bytes(),
@@ -411,6 +433,8 @@ struct Stream {
     /// The start of a chunk that `drop` announces longer than it is.
     drop_prefix: &'static [u8],
     delay: Duration,
+    /// What `keepalive` sends instead of data.
+    keepalive_frame: Vec<u8>,
 }
 
 impl Stream {
@@ -419,16 +443,25 @@ impl Stream {
         let fail_truncate = directive(prompt, "truncate", attempt);
         let fail_drop = directive(prompt, "drop", attempt);
         let fail_stall = directive(prompt, "stall", attempt);
+        let fail_keepalive = directive(prompt, "keepalive", attempt);
         let cut = self.frames.len() / 2;
         let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Type: {}\r\nTransfer-Encoding: chunked\r\n{FAKE_HEADER}Connection: close\r\n\r\n",
             self.content_type
         );
         sock.write_all(head.as_bytes()).await?;
         let mut pending: Vec<u8> = Vec::new();
         for (i, frame) in self.frames.iter().enumerate() {
-            if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall) {
+            if i == cut && (fail_error || fail_truncate || fail_drop || fail_stall || fail_keepalive) {
                 flush_pieces(sock, &mut pending, rng).await?;
+                if fail_keepalive {
+                    // Alive to the byte, dead to the word: until the client gives up (bounded).
+                    for _ in 0..600 {
+                        send_chunk(sock, &self.keepalive_frame).await?;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    return finish_chunked(sock).await;
+                }
                 if fail_error {
                     send_chunk(sock, &self.error_frame).await?;
                     return finish_chunked(sock).await;
@@ -516,6 +549,7 @@ async fn stream_reply(
     lines.push(last);
     let slow = directive(prompt, "slow", attempt);
     let stream = Stream {
+        keepalive_frame: b"\n".to_vec(),
         content_type: "application/x-ndjson",
         frames: lines.iter().map(|l| format!("{l}\n").into_bytes()).collect(),
         error_frame: b"{\"error\":\"an error was encountered while running the model: unexpected EOF\"}\n".to_vec(),

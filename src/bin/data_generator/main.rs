@@ -180,7 +180,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", pipeline::error_text(&e));
             ExitCode::from(EXIT_FATAL)
         }
     }
@@ -207,8 +207,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(args: RunArgs) -> anyhow::Result<u8> {
     let cfg = load_config(args.config)?;
     if args.fresh {
+        // Not from under a run that writes there.
+        let lock = dataset::OutputLock::acquire_if_exists(&cfg.output_dir)?;
         let moved = dataset::move_aside(&cfg.output_dir)
             .with_context(|| format!("--fresh: cannot move {} aside", cfg.output_dir.display()))?;
+        drop(lock);
         if let Some(to) = moved {
             eprintln!("--fresh: moved the old {} to {}", cfg.output_dir.display(), to.display());
         }

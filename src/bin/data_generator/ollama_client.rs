@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use data_generator::backend::{
-    self, error_chain, error_message, frame_error, idle_bytes, Chunk, ChunkStream, ClientError, ModelClient, Request,
+    self, error_chain, error_message, body_bytes, frame_error, idle_chunks, Chunk, ChunkStream, ClientError, ModelClient, Request,
     ServerInfo, Stats,
 };
-use data_generator::config::{Config, OllamaApi};
+use data_generator::config::{self, Config, Endpoint, OllamaApi};
 use futures::future::BoxFuture;
 use futures::stream::{self, Stream, StreamExt};
 use futures::FutureExt;
@@ -27,25 +27,31 @@ macro_rules! check_err {
 
 pub struct OllamaClient {
     http: reqwest::Client,
+    /// The URL without credentials (those go in `auth`).
     base: String,
+    auth: Option<(String, Option<String>)>,
     api: OllamaApi,
     model: String,
     keep_alive: Option<Value>,
     think: Option<Value>,
     idle: Duration,
+    /// Where the URL came from (`--url`, `backend.url`, `OLLAMA_HOST`), for messages.
+    url_source: String,
 }
 
 impl OllamaClient {
-    pub fn new(cfg: &Config, url: &str, concurrency: usize) -> anyhow::Result<OllamaClient> {
+    pub fn new(cfg: &Config, ep: &Endpoint) -> anyhow::Result<OllamaClient> {
         let b = cfg.backend();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(cfg.run().connect_timeout_secs))
-            .pool_max_idle_per_host(concurrency)
+            .pool_max_idle_per_host(ep.concurrency)
             .user_agent(concat!("data_generator/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(OllamaClient {
             http,
-            base: url.to_owned(),
+            base: ep.url.clone(),
+            auth: ep.credentials.clone(),
+            url_source: ep.source.clone(),
             api: b.api,
             model: b.model.clone(),
             keep_alive: b.keep_alive.clone(),
@@ -54,40 +60,67 @@ impl OllamaClient {
         })
     }
 
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.with_auth(self.http.get(url))
+    }
+
+    fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.with_auth(self.http.post(url))
+    }
+
+    fn with_auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
+            Some((user, pass)) => req.basic_auth(user, pass.as_ref()),
+            None => req,
+        }
+    }
+
+    /// The models the server has, nearest to the configured name first.
+    async fn models_near(&self) -> Vec<String> {
+        let url = format!("{}/api/tags", self.base);
+        let Ok(Ok(resp)) = tokio::time::timeout(self.idle, self.get(&url).send()).await else { return Vec::new() };
+        let body = resp.bytes().await.unwrap_or_default();
+        let names: Vec<String> = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("models").and_then(Value::as_array).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| m.get("name").or_else(|| m.get("model")).and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        config::nearest_first(&self.model, names)
+    }
+
     /// Before the first row: the server answers, the model exists and can do what is asked.
     async fn check_server(&self) -> Result<ServerInfo, ClientError> {
         let url = format!("{}/api/version", self.base);
-        let resp = tokio::time::timeout(self.idle, self.http.get(&url).send())
+        let resp = tokio::time::timeout(self.idle, self.get(&url).send())
             .await
             .map_err(|_| check_err!("Ollama at {} did not answer within {:?}", self.base, self.idle))?
             .map_err(|e| {
                 check_err!(
-                    "cannot reach Ollama at {}: {}\nIs it running? Start it with `ollama serve`, or point backend.url \
-                     (or OLLAMA_HOST, or --url) at the right address.",
+                    "cannot reach Ollama at {} (from {}): {}\nIs it running? Start it with `ollama serve`, or point {} at \
+                     the right address.",
                     self.base,
-                    error_chain(&e)
+                    self.url_source,
+                    error_chain(&e),
+                    self.url_source
                 )
             })?;
+        let fake = resp.headers().contains_key(FAKE_HEADER);
         if !resp.status().is_success() {
             return Err(check_err!("{url} answered HTTP {}: is {} an Ollama server?", resp.status(), self.base));
         }
         let version = resp.json::<Value>().await.ok().and_then(|v| v.get("version")?.as_str().map(str::to_owned));
 
         let show = format!("{}/api/show", self.base);
-        let resp = tokio::time::timeout(self.idle, self.http.post(&show).json(&json!({ "model": self.model })).send())
+        let resp = tokio::time::timeout(self.idle, self.post(&show).json(&json!({ "model": self.model })).send())
             .await
             .map_err(|_| check_err!("{show} did not answer within {:?}", self.idle))?
             .map_err(|e| check_err!("cannot reach Ollama at {}: {}", self.base, error_chain(&e)))?;
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(check_err!(
-                "model {:?} is not on the Ollama server at {}: pull it with `ollama pull {}`, or set backend.model \
-                 (or --model) to one that `ollama list` shows",
-                self.model,
-                self.base,
-                self.model
-            ));
+            return Err(ClientError::Check(missing_model_message(&self.model, &self.base, &self.models_near().await)));
         }
         if !status.is_success() {
             return Err(check_err!("{show} answered HTTP {status} for model {:?}: {}", self.model, error_message(&body)));
@@ -110,7 +143,7 @@ impl OllamaClient {
                 return Err(check_err!("backend.think is set, but model {:?} cannot think: remove `think` or pick a reasoning model", self.model));
             }
         }
-        Ok(ServerInfo { version, capabilities })
+        Ok(ServerInfo { version, capabilities, fake })
     }
 
     fn body(&self, system: Option<&str>, prompt: &str, options: &Map<String, Value>) -> Value {
@@ -150,15 +183,49 @@ impl OllamaClient {
             OllamaApi::Generate => "/api/generate",
         };
         let url = format!("{}{}", self.base, path);
-        let http = self.http.post(&url).json(&self.body(req.system, req.prompt, req.options));
+        let http = self.post(&url).json(&self.body(req.system, req.prompt, req.options));
         let resp = match backend::open_stream(http, &url, self.idle).await {
             Err(ClientError::Status { status: 404, message, .. }) if message.contains("not found") => {
                 return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() })
             }
             r => r?,
         };
-        Ok(decode_reply(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
+        Ok(idle_chunks(decode_reply(body_bytes(resp)).boxed(), self.idle))
     }
+}
+
+/// Answers from the test suite's fake server carry this header, so a dataset made from made-up
+/// text says so in its manifest.
+pub const FAKE_HEADER: &str = "x-data-generator-fake";
+
+/// What to say when the model is not on the server: the nearest names it has, and `ollama pull`
+/// only for a name that looks like a real tag rather than a slip of a model that is there.
+fn missing_model_message(model: &str, base: &str, near: &[String]) -> String {
+    let mut msg = format!("model {model:?} is not on the Ollama server at {base}");
+    let close = near.first().filter(|n| config::edit_distance(&config::strip_latest(n), &config::strip_latest(model)) <= 3);
+    if let Some(n) = close {
+        msg.push_str(&format!(": did you mean {n:?}? Set backend.model (or --model) to it"));
+    } else if looks_like_ollama_tag(model) {
+        msg.push_str(&format!(": pull it with `ollama pull {model}`, or set backend.model (or --model) to one the server has"));
+    } else {
+        msg.push_str(": set backend.model (or --model) to one the server has");
+    }
+    if near.is_empty() {
+        msg.push_str(" (it has none; `ollama list` shows what is pulled)");
+    } else {
+        let shown: Vec<&str> = near.iter().take(8).map(String::as_str).collect();
+        msg.push_str(&format!(" (it has: {}{})", shown.join(", "), if near.len() > 8 { ", ..." } else { "" }));
+    }
+    msg
+}
+
+/// `name`, `name:tag`, `namespace/name:tag`: lowercase letters, digits, `.`, `-`, `_`.
+fn looks_like_ollama_tag(model: &str) -> bool {
+    let (name, tag) = model.split_once(':').unwrap_or((model, "latest"));
+    let part = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c));
+    let tag_ok = !tag.is_empty() && tag.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    let segments: Vec<&str> = name.split('/').collect();
+    segments.len() <= 3 && segments.iter().all(|s| part(s)) && name.starts_with(|c: char| c.is_ascii_alphanumeric()) && tag_ok
 }
 
 /// One NDJSON line of a chat or generate reply.
@@ -324,6 +391,17 @@ mod tests {
         let body = format!("{}{}\n", REPLY.lines().next().unwrap_or_default(), "\n{\"error\":\"runner crashed\"}");
         let r = collect(vec![body.into_bytes()]).await;
         assert!(matches!(r.last(), Some(Err(e)) if e.contains("runner crashed")), "{r:?}");
+    }
+
+    #[test]
+    fn missing_models_name_the_nearest_and_pull_only_real_tags() {
+        let near = vec!["llama3.2:3b".to_owned(), "qwen3:8b".to_owned()];
+        let m = missing_model_message("llama3.2:3", "http://h", &near);
+        assert!(m.contains("did you mean \"llama3.2:3b\"") && !m.contains("ollama pull"), "{m}");
+        let m = missing_model_message("mistral:7b", "http://h", &near);
+        assert!(m.contains("ollama pull mistral:7b") && m.contains("it has: llama3.2:3b, qwen3:8b"), "{m}");
+        let m = missing_model_message("My Model!", "http://h", &[]);
+        assert!(!m.contains("ollama pull") && m.contains("it has none"), "{m}");
     }
 
     #[tokio::test]

@@ -10,10 +10,10 @@
 use std::time::Duration;
 
 use data_generator::backend::{
-    self, error_chain, error_message, frame_error, idle_bytes, Chunk, ChunkStream, ClientError, ModelClient, Request,
+    self, error_chain, error_message, body_bytes, frame_error, idle_chunks, Chunk, ChunkStream, ClientError, ModelClient, Request,
     ServerInfo, Stats,
 };
-use data_generator::config::Config;
+use data_generator::config::{self, Config, Endpoint};
 use data_generator::sse::{SseEvent, SseParser};
 use futures::future::BoxFuture;
 use futures::stream::{self, Stream, StreamExt};
@@ -22,32 +22,39 @@ use serde_json::{json, Map, Value};
 
 pub struct OpenAiClient {
     http: reqwest::Client,
+    /// The URL without credentials (those go in `basic`).
     base: String,
+    basic: Option<(String, Option<String>)>,
     model: String,
     api_key: Option<String>,
     idle: Duration,
+    /// Where the URL came from (`--url`, `backend.url`, ...), for messages.
+    url_source: String,
 }
 
 impl OpenAiClient {
-    pub fn new(cfg: &Config, url: &str, concurrency: usize) -> anyhow::Result<OpenAiClient> {
+    pub fn new(cfg: &Config, ep: &Endpoint) -> anyhow::Result<OpenAiClient> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs_f64(cfg.run().connect_timeout_secs))
-            .pool_max_idle_per_host(concurrency)
+            .pool_max_idle_per_host(ep.concurrency)
             .user_agent(concat!("data_generator/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(OpenAiClient {
             http,
-            base: url.to_owned(),
+            base: ep.url.clone(),
+            basic: ep.credentials.clone(),
             model: cfg.backend().model.clone(),
             api_key: cfg.api_key.clone(),
             idle: Duration::from_secs_f64(cfg.run().idle_timeout_secs),
+            url_source: ep.source.clone(),
         })
     }
 
     fn authed(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match &self.api_key {
-            Some(k) => req.bearer_auth(k),
-            None => req,
+        match (&self.api_key, &self.basic) {
+            (Some(k), _) => req.bearer_auth(k),
+            (None, Some((user, pass))) => req.basic_auth(user, pass.as_ref()),
+            (None, None) => req,
         }
     }
 
@@ -59,11 +66,14 @@ impl OpenAiClient {
             .map_err(|_| ClientError::Check(format!("{url} did not answer within {:?}", self.idle)))?
             .map_err(|e| {
                 ClientError::Check(format!(
-                    "cannot reach the server at {}: {}\nIs it running, and is backend.url the API base (e.g. http://127.0.0.1:8000/v1)?",
+                    "cannot reach the server at {} (from {}): {}\nIs it running, and is {} the API base (e.g. http://127.0.0.1:8000/v1)?",
                     self.base,
-                    error_chain(&e)
+                    self.url_source,
+                    error_chain(&e),
+                    self.url_source
                 ))
             })?;
+        let fake = resp.headers().contains_key(crate::ollama_client::FAKE_HEADER);
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
@@ -74,8 +84,9 @@ impl OpenAiClient {
         }
         if !status.is_success() {
             return Err(ClientError::Check(format!(
-                "{url} answered HTTP {status}: {}; is backend.url the API base (it usually ends in /v1)?",
-                error_message(&body)
+                "{url} answered HTTP {status}: {}; is {} the API base (it usually ends in /v1)?",
+                error_message(&body),
+                self.url_source
             )));
         }
         let ids: Vec<String> = serde_json::from_slice::<Value>(&body)
@@ -86,6 +97,7 @@ impl OpenAiClient {
             .filter_map(|m| m.get("id").and_then(Value::as_str).map(str::to_owned))
             .collect();
         if !ids.contains(&self.model) {
+            let ids = config::nearest_first(&self.model, ids);
             return Err(ClientError::Check(format!(
                 "model {:?} is not served at {} (it serves: {}); set backend.model (or --model) to one of those",
                 self.model,
@@ -93,7 +105,7 @@ impl OpenAiClient {
                 if ids.is_empty() { "nothing it lists".to_owned() } else { ids.join(", ") }
             )));
         }
-        Ok(ServerInfo { version: None, capabilities: Vec::new() })
+        Ok(ServerInfo { version: None, capabilities: Vec::new(), fake })
     }
 
     fn body(&self, req: &Request<'_>) -> Value {
@@ -118,7 +130,7 @@ impl OpenAiClient {
         let url = format!("{}/chat/completions", self.base);
         let http = self.authed(self.http.post(&url)).json(&self.body(&req));
         let resp = backend::open_stream(http, &url, self.idle).await?;
-        Ok(decode_sse(idle_bytes(resp.bytes_stream(), self.idle)).boxed())
+        Ok(idle_chunks(decode_sse(body_bytes(resp)).boxed(), self.idle))
     }
 }
 

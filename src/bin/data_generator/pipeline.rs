@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use data_generator::backend::{Chunk, ClientError, ModelClient, Request, ServerInfo, Stats};
 use data_generator::config::{self, BackendKind, Config};
-use data_generator::endpoints::{Change, EndpointPool};
-use data_generator::dataset::{Dataset, OutputPaths, WriteItem, Writer};
+use data_generator::dataset::{Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
+use data_generator::endpoints::{Change, EndpointPool, Outcome, Since};
 use data_generator::input::{IdSet, InputError, Row, RowReader};
 use data_generator::manifest::{self, Manifest, RunEntry};
 use data_generator::progress::{self, DisplayMode, Event, JobId};
@@ -27,13 +27,14 @@ use data_generator::template::PromptTemplate;
 use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::ollama_client::OllamaClient;
 use crate::openai_client::OpenAiClient;
 
 /// How a run ended, for the exit code.
 #[derive(Debug)]
-pub struct Outcome {
+pub struct RunOutcome {
     /// Requests that failed in this run, plus earlier failures skipped with `--no-retry-failed`:
     /// either way rows are in `failures.jsonl` and not in the dataset.
     pub failed: u64,
@@ -79,27 +80,45 @@ pub struct StudentResponse {
     pub elapsed: Duration,
 }
 
+/// Where progress events go. Token events are made only when a live display shows them.
+#[derive(Clone)]
+struct Progress {
+    tx: mpsc::UnboundedSender<Event>,
+    tokens: bool,
+}
+
+impl Progress {
+    fn send(&self, ev: Event) {
+        let _ = self.tx.send(ev);
+    }
+}
+
 /// Sends one rendered prompt, forwards each piece of text to the display as it arrives, and
 /// returns the whole response once the server says it is done.
 async fn get_student_response(
     client: &dyn ModelClient,
     system: Option<&str>,
     job: &Job,
-    events: &mpsc::UnboundedSender<Event>,
+    progress: &Progress,
 ) -> Result<StudentResponse, ClientError> {
     let started = Instant::now();
     let mut reply = client.stream(Request { system, prompt: &job.prompt, options: &job.options }).await?;
+    progress.send(Event::Responding { job: job.seq });
     let mut response = String::new();
     let mut thinking = String::new();
     while let Some(chunk) = reply.next().await {
         match chunk? {
             Chunk::Content(t) => {
                 response.push_str(&t);
-                let _ = events.send(Event::Token { job: job.seq, text: t, thinking: false });
+                if progress.tokens {
+                    progress.send(Event::Token { job: job.seq, text: t, thinking: false });
+                }
             }
             Chunk::Thinking(t) => {
                 thinking.push_str(&t);
-                let _ = events.send(Event::Token { job: job.seq, text: t, thinking: true });
+                if progress.tokens {
+                    progress.send(Event::Token { job: job.seq, text: t, thinking: true });
+                }
             }
             Chunk::Done(stats) => {
                 return Ok(StudentResponse {
@@ -119,31 +138,62 @@ async fn get_student_response(
 enum JobResult {
     Record(Box<Record>),
     Failure(Box<Failure>),
+    /// Given up without a result (Ctrl-C while it waited): the next run does it.
+    Abandoned,
 }
+
+/// Probe backoff while a server is down: 1 s doubling to 30 s, with jitter.
+const PROBE_FIRST: Duration = Duration::from_secs(1);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+/// A probe that answered this recently vouches for the server (no second probe for the same wave).
+const PROBE_FRESH: Duration = Duration::from_secs(1);
 
 struct Ctx {
     clients: Vec<Box<dyn ModelClient>>,
     pool: EndpointPool,
     cfg: Config,
-    events: mpsc::UnboundedSender<Event>,
+    progress: Progress,
     jitter: AtomicU64,
+    /// Cancelled at the first Ctrl-C: requests that wait (a slot, a retry, a server) stop waiting.
+    stop: CancellationToken,
+    /// Whether a server that goes away pauses the run (`run.outage_wait_secs > 0`).
+    ride_outages: bool,
+    /// One probe at a time per endpoint, and when the last one answered.
+    probes: Vec<tokio::sync::Mutex<Option<Instant>>>,
+    probers: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Ctx {
-    /// Exponential backoff with jitter: base * 2^(attempt-1), capped at a minute, scaled by a
-    /// random factor in [0.5, 1); never shorter than the server's `retry-after`.
-    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        let base = self.cfg.run().retry_base_delay_ms as f64;
-        let exp = (base * 2f64.powi(attempt.saturating_sub(1).min(20) as i32)).min(60_000.0);
-        // xorshift over a shared state seeded from the clock: spread, not security.
+    /// A random factor in [0.5, 1): xorshift over a shared state seeded from the clock (spread,
+    /// not security).
+    fn jitter_factor(&self) -> f64 {
         let mut x = self.jitter.load(Ordering::Relaxed);
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         self.jitter.store(x, Ordering::Relaxed);
-        let factor = 0.5 + (x % 1000) as f64 / 2000.0;
-        let d = Duration::from_millis((exp * factor) as u64);
+        0.5 + (x % 1000) as f64 / 2000.0
+    }
+
+    /// Exponential backoff with jitter: base * 2^(retry-1), capped at a minute, scaled by a
+    /// random factor in [0.5, 1); never shorter than the server's `retry-after`.
+    fn backoff(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let base = self.cfg.run().retry_base_delay_ms as f64;
+        let exp = (base * 2f64.powi(retry.saturating_sub(1).min(20) as i32)).min(60_000.0);
+        let d = Duration::from_millis((exp * self.jitter_factor()) as u64);
         d.max(retry_after.unwrap_or_default())
+    }
+
+    /// The server's `Retry-After`, capped at `run.max_retry_after_secs` (a cap is logged).
+    fn capped_retry_after(&self, e: &ClientError, url: &str) -> Option<Duration> {
+        let asked = e.retry_after()?;
+        let cap = Duration::from_secs_f64(self.cfg.run().max_retry_after_secs);
+        if asked > cap {
+            tracing::warn!(endpoint = url, asked_secs = asked.as_secs(), cap_secs = cap.as_secs(), "the server asked to wait longer than run.max_retry_after_secs: capped");
+            Some(cap)
+        } else {
+            Some(asked)
+        }
     }
 
     /// Logs endpoints set aside or back, and tells the display.
@@ -152,41 +202,129 @@ impl Ctx {
             match c {
                 Change::SetAside { endpoint, for_ } => {
                     let url = self.clients[endpoint].url();
-                    tracing::warn!(endpoint = url, secs = for_.as_secs(), "endpoint keeps failing: set aside; its requests go to the others");
-                    let _ = self.events.send(Event::Endpoint { endpoint, up: false });
+                    tracing::warn!(endpoint = url, secs = for_.as_secs(), "endpoint keeps failing: set aside for a while");
+                    self.progress.send(Event::Endpoint { endpoint, up: false });
                 }
                 Change::Back { endpoint } => {
                     tracing::info!(endpoint = self.clients[endpoint].url(), "endpoint back in use");
-                    let _ = self.events.send(Event::Endpoint { endpoint, up: true });
+                    self.progress.send(Event::Endpoint { endpoint, up: true });
                 }
             }
         }
     }
 
-    async fn run_job(&self, job: Job) -> JobResult {
+    /// The startup check again, bounded: a probe whether a server is there.
+    async fn probe(&self, endpoint: usize) -> Result<(), String> {
+        let limit = Duration::from_secs_f64(self.cfg.run().connect_timeout_secs.max(10.0));
+        match tokio::time::timeout(limit, self.clients[endpoint].check()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {}", progress::short_duration(limit))),
+        }
+    }
+
+    /// After trouble that says the server may be gone: is it? A probe decides, one at a time per
+    /// endpoint. When it is down, it is taken out of rotation and probed in the background until
+    /// it answers; returns true.
+    async fn confirm_down(self: &Arc<Self>, endpoint: usize, error: &ClientError) -> bool {
+        if self.pool.is_down(endpoint) {
+            return true;
+        }
+        let mut last_ok = self.probes[endpoint].lock().await;
+        if self.pool.is_down(endpoint) {
+            return true;
+        }
+        if last_ok.is_some_and(|t| t.elapsed() < PROBE_FRESH) {
+            return false;
+        }
+        match self.probe(endpoint).await {
+            Ok(()) => {
+                *last_ok = Some(Instant::now());
+                false
+            }
+            Err(probe_error) => {
+                if let Some((since, true)) = self.pool.mark_down(endpoint) {
+                    let url = self.clients[endpoint].url();
+                    tracing::warn!(endpoint = url, since = %humantime::format_rfc3339_seconds(since.wall), error = %error, probe = %probe_error, "server down: requests wait for it (no retries spent)");
+                    self.spawn_prober(endpoint, since, probe_error);
+                }
+                true
+            }
+        }
+    }
+
+    /// Probes a down endpoint with backoff until it answers, then puts it back in rotation.
+    fn spawn_prober(self: &Arc<Self>, endpoint: usize, since: Since, first_error: String) {
+        let ctx = self.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = PROBE_FIRST;
+            let mut error = first_error;
+            loop {
+                let wait = Duration::from_secs_f64(delay.as_secs_f64() * (0.25 + ctx.jitter_factor()));
+                let next_try = Instant::now() + wait;
+                ctx.progress.send(Event::EndpointDown { endpoint, since: since.wall, next_try, error: error.clone() });
+                tokio::time::sleep(wait).await;
+                match ctx.probe(endpoint).await {
+                    Ok(()) => {
+                        let after = ctx.pool.mark_up(endpoint).unwrap_or_default();
+                        tracing::info!(endpoint = ctx.clients[endpoint].url(), "server back after {}", progress::short_duration(after));
+                        ctx.progress.send(Event::EndpointUp { endpoint, after });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::info!(endpoint = ctx.clients[endpoint].url(), error = %e, "server still down");
+                        error = e;
+                        delay = (delay * 2).min(PROBE_MAX);
+                    }
+                }
+            }
+        });
+        if let Ok(mut p) = self.probers.lock() {
+            p.push(task.abort_handle());
+        }
+    }
+
+    fn stop_probers(&self) {
+        if let Ok(mut p) = self.probers.lock() {
+            for t in p.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    /// Runs one job to its end: its attempts, with retries for what another attempt could fix,
+    /// and waits (not retries) while its server is down.
+    async fn run_job(self: Arc<Self>, job: Job) -> JobResult {
         let samples = self.cfg.run().samples_per_prompt;
         let label = job.label(samples);
-        let _ = self.events.send(Event::Begin { job: job.seq, label: label.clone() });
-        let max_attempts = self.cfg.run().max_retries + 1;
-        let mut attempt = 1;
+        self.progress.send(Event::Begin { job: job.seq, label: label.clone() });
+        let max_retries = self.cfg.run().max_retries;
+        // Attempts sent, and the failed ones that spent a retry (server-down waits do not).
+        let (mut attempts, mut spent) = (0u32, 0u32);
         let mut last_failed: Option<usize> = None;
         loop {
-            let (slot, changes) = self.pool.acquire(last_failed).await;
+            let acquired = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => None,
+                a = self.pool.acquire(last_failed) => Some(a),
+            };
+            let Some((slot, changes)) = acquired else {
+                self.progress.send(Event::Abandoned { job: job.seq });
+                return JobResult::Abandoned;
+            };
             self.endpoint_changes(changes);
             let endpoint = slot.endpoint;
             let client = self.clients[endpoint].as_ref();
-            let _ = self.events.send(Event::Attempt { job: job.seq, endpoint });
-            let result = get_student_response(client, self.cfg.system.as_deref(), &job, &self.events).await;
+            attempts += 1;
+            self.progress.send(Event::Attempt { job: job.seq, endpoint });
+            let result = get_student_response(client, self.cfg.system.as_deref(), &job, &self.progress).await;
             drop(slot);
-            let server_failed = matches!(&result, Err(e) if e.retryable());
-            if let Some(change) = self.pool.report(endpoint, server_failed) {
-                self.endpoint_changes(vec![change]);
-            }
-            match result {
+            let e = match result {
                 Ok(r) => {
+                    self.pool.report(endpoint, Outcome::Answered);
                     let completion = r.stats.completion_tokens.unwrap_or(0);
-                    tracing::info!(id = %job.row_id, sample = job.sample, attempt, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
-                    let _ = self.events.send(Event::Done { job: job.seq, completion_tokens: completion });
+                    tracing::info!(id = %job.row_id, sample = job.sample, attempts, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
+                    self.progress.send(Event::Done { job: job.seq, completion_tokens: completion });
                     return JobResult::Record(Box::new(Record {
                         id: job.row_id,
                         sample: job.sample,
@@ -199,7 +337,7 @@ impl Ctx {
                         prompt_tokens: r.stats.prompt_tokens,
                         completion_tokens: r.stats.completion_tokens,
                         duration_ms: r.elapsed.as_millis() as u64,
-                        attempts: attempt,
+                        attempts,
                         finished_at: record::now_rfc3339(),
                         seed: job.seed,
                         eval_duration_ms: r.stats.eval_duration_ns.map(|ns| ns as f64 / 1e6),
@@ -209,35 +347,50 @@ impl Ctx {
                         input: job.input,
                     }));
                 }
-                Err(e) if e.retryable() && attempt < max_attempts => {
-                    last_failed = Some(endpoint);
-                    let delay = self.backoff(attempt, e.retry_after());
-                    tracing::warn!(id = %job.row_id, sample = job.sample, attempt, endpoint = client.url(), error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
-                    let _ = self.events.send(Event::Retry { job: job.seq, attempt, error: e.to_string(), delay });
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => {
-                    let error = e.to_string();
-                    tracing::error!(id = %job.row_id, sample = job.sample, attempts = attempt, endpoint = client.url(), error = %error, "failed");
-                    let _ = self.events.send(Event::Failed { job: job.seq, label, error: error.clone() });
-                    return JobResult::Failure(Box::new(Failure {
-                        id: job.row_id,
-                        sample: job.sample,
-                        model: self.cfg.backend().model.clone(),
-                        error,
-                        attempts: attempt,
-                        retryable: e.retryable(),
-                        key: job.key,
-                        endpoint: Some(client.url().to_owned()),
-                        when: record::now_rfc3339(),
-                    }));
-                }
+                Err(e) => e,
+            };
+            last_failed = Some(endpoint);
+            if self.ride_outages && e.endpoint_trouble() && self.confirm_down(endpoint, &e).await {
+                tracing::warn!(id = %job.row_id, sample = job.sample, endpoint = client.url(), error = %e, "server down: the request waits for it");
+                self.progress.send(Event::ServerWait { job: job.seq });
+                continue;
             }
+            let outcome = if e.retryable() { Outcome::ServerFailed { job: job.seq, status_5xx: e.server_status() } } else { Outcome::RowFailed };
+            if let Some(change) = self.pool.report(endpoint, outcome) {
+                self.endpoint_changes(vec![change]);
+            }
+            spent += 1;
+            if e.retryable() && spent <= max_retries {
+                let delay = self.backoff(spent, self.capped_retry_after(&e, client.url()));
+                tracing::warn!(id = %job.row_id, sample = job.sample, attempt = attempts, endpoint = client.url(), error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+                self.progress.send(Event::Retry { job: job.seq, attempt: spent, of: max_retries, error: e.to_string(), delay });
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => {
+                        self.progress.send(Event::Abandoned { job: job.seq });
+                        return JobResult::Abandoned;
+                    }
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                continue;
+            }
+            let error = e.to_string();
+            tracing::error!(id = %job.row_id, sample = job.sample, attempts, endpoint = client.url(), error = %error, "failed");
+            self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
+            return JobResult::Failure(Box::new(Failure {
+                id: job.row_id,
+                sample: job.sample,
+                model: self.cfg.backend().model.clone(),
+                error,
+                attempts,
+                retryable: e.retryable(),
+                key: job.key,
+                endpoint: Some(client.url().to_owned()),
+                when: record::now_rfc3339(),
+            }));
         }
     }
 }
-
 
 /// The rows of the input: the first `limit` only, and of those the shard's.
 fn rows(cfg: &Config) -> anyhow::Result<impl Iterator<Item = Result<Row, InputError>>> {
@@ -257,40 +410,43 @@ fn clients(cfg: &Config) -> anyhow::Result<Vec<Box<dyn ModelClient>>> {
         .iter()
         .map(|e| -> anyhow::Result<Box<dyn ModelClient>> {
             Ok(match cfg.backend().kind {
-                BackendKind::Ollama => Box::new(OllamaClient::new(cfg, &e.url, e.concurrency)?),
-                BackendKind::Openai => Box::new(OpenAiClient::new(cfg, &e.url, e.concurrency)?),
+                BackendKind::Ollama => Box::new(OllamaClient::new(cfg, e)?),
+                BackendKind::Openai => Box::new(OpenAiClient::new(cfg, e)?),
             })
         })
         .collect()
 }
 
-/// Checks every endpoint at once. Those that fail are left out (with a warning) as long as one
-/// works; when none does, the first error is the run's. Returns each endpoint's capacity
-/// (0 for those left out) and the first answer.
-async fn check_endpoints(cfg: &Config, clients: &[Box<dyn ModelClient>]) -> anyhow::Result<(Vec<usize>, ServerInfo)> {
+/// Checks every endpoint at once. Those that fail start out down (with a warning; they are
+/// probed in the background and join when they answer) as long as one works; when none does, the
+/// first error is the run's. Returns which are down, the first answer, and the check results to
+/// log once the log is open.
+async fn check_endpoints(clients: &[Box<dyn ModelClient>]) -> anyhow::Result<(Vec<Option<String>>, ServerInfo)> {
     let results = futures::future::join_all(clients.iter().map(|c| c.check())).await;
-    let mut caps = Vec::new();
-    let mut info = None;
+    let mut down = Vec::new();
+    let mut info: Option<ServerInfo> = None;
     let mut first_err = None;
-    for ((r, ep), c) in results.into_iter().zip(&cfg.endpoints).zip(clients) {
+    for (r, c) in results.into_iter().zip(clients) {
         match r {
             Ok(i) => {
-                tracing::info!(endpoint = c.url(), version = ?i.version, capabilities = ?i.capabilities, "server ready");
-                info.get_or_insert(i);
-                caps.push(ep.concurrency);
+                let fake = i.fake;
+                match &mut info {
+                    Some(first) => first.fake |= fake,
+                    None => info = Some(i),
+                }
+                down.push(None);
             }
             Err(e) => {
-                tracing::error!(endpoint = c.url(), error = %e, "server check failed");
                 if clients.len() > 1 {
-                    eprintln!("warning: leaving out {}: {e}", c.url());
+                    eprintln!("warning: {} does not answer the check; it joins when it does: {e}", c.url());
                 }
+                down.push(Some(e.to_string()));
                 first_err.get_or_insert(e);
-                caps.push(0);
             }
         }
     }
     match (info, first_err) {
-        (Some(i), _) => Ok((caps, i)),
+        (Some(i), _) => Ok((down, i)),
         (None, Some(e)) => Err(e.into()),
         (None, None) => anyhow::bail!("no endpoint configured"),
     }
@@ -472,7 +628,7 @@ fn stop_signals() -> anyhow::Result<mpsc::UnboundedReceiver<&'static str>> {
     Ok(rx)
 }
 
-fn new_manifest(cfg: &Config, server_version: Option<String>, plan: &Plan, runs: Vec<RunEntry>) -> Manifest {
+fn new_manifest(cfg: &Config, server: Option<&ServerInfo>, plan: &Plan, runs: Vec<RunEntry>) -> Manifest {
     let mut runs = runs;
     runs.push(RunEntry {
         started_at: record::now_rfc3339(),
@@ -494,8 +650,9 @@ fn new_manifest(cfg: &Config, server_version: Option<String>, plan: &Plan, runs:
         server: manifest::Server {
             kind: format!("{:?}", cfg.backend().kind).to_lowercase(),
             urls: cfg.endpoints.iter().map(|e| e.url.clone()).collect(),
-            version: server_version,
+            version: server.and_then(|s| s.version.clone()),
             model: cfg.backend().model.clone(),
+            fake: server.is_some_and(|s| s.fake),
         },
         input: manifest::Input {
             path: cfg.input_path.display().to_string(),
@@ -528,26 +685,48 @@ fn tally(m: &mut Manifest, plan: &Plan, done: u64, failed: u64, tokens: u64) {
     }
 }
 
-pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
+/// The runs recorded in the folder's manifest, with a run that never recorded its end marked
+/// `killed` and given the counts the dataset holds for it. Returns them with that run's start.
+fn prior_runs(paths: &OutputPaths) -> anyhow::Result<(Vec<RunEntry>, Option<String>)> {
+    let (runs, moved) = Manifest::prior_runs(&paths.manifest).with_context(|| format!("cannot read {}", paths.manifest.display()))?;
+    if let Some(to) = moved {
+        eprintln!("warning: {} was not a readable manifest: moved it to {}; the run history starts afresh", paths.manifest.display(), to.display());
+    }
+    let unfinished = runs.last().filter(|r| r.status == "running").map(|r| r.started_at.clone());
+    Ok((runs, unfinished))
+}
+
+pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let paths = OutputPaths::new(&cfg.output_dir);
     let planner = Planner::new(&cfg)?;
-    let prior = resume::load(&paths, &cfg.raw.output.formats)?;
-    let plan = check_input(&planner, &prior, &opts)?;
-
-    let dataset = Dataset::open(&paths, &cfg.raw.output.formats)?;
-    start_log(&paths.log)?;
-    tracing::info!(config = %cfg.path.display(), urls = %cfg.urls(), model = %cfg.backend().model, rows = plan.rows,
-        requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
+    // One run per folder: the lock comes before anything is read or repaired. A folder that does
+    // not exist yet is locked when it is created, after the checks.
+    let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
+    let (mut runs, killed_since) = if lock.is_some() { prior_runs(&paths)? } else { (Vec::new(), None) };
+    let prior = resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref())?;
+    if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
+        // Killed (or the machine went down): its own counts never made it to the manifest.
+        last.status = "killed".into();
+        last.done = prior.records_since;
+        last.failed = prior.failures_since;
+        eprintln!(
+            "note: the last run (started {}) ended without a word (killed?) after finishing {} request{}{}; continuing",
+            last.started_at,
+            last.done,
+            if last.done == 1 { "" } else { "s" },
+            if last.failed > 0 { format!(" and failing {}", last.failed) } else { String::new() }
+        );
+    }
     for note in &prior.repairs {
-        tracing::warn!("{note}");
         eprintln!("repaired: {note}");
     }
-    for k in config::unknown_options(cfg.options()) {
-        tracing::warn!(option = %k, "option is not one Ollama documents; passed through as written");
-    }
-    let runs = Manifest::prior_runs(&paths.manifest);
+    let plan = check_input(&planner, &prior, &opts)?;
 
     if plan.to_run == 0 {
+        start_log(&paths.log)?;
+        for note in &prior.repairs {
+            tracing::warn!("{note}");
+        }
         let mut m = new_manifest(&cfg, None, &plan, runs);
         if let Some(r) = m.current_run() {
             r.ended_at = Some(record::now_rfc3339());
@@ -562,35 +741,79 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             paths.dir.display(),
             if plan.skipped_failed > 0 { format!(", {} failed before and skipped", plan.skipped_failed) } else { String::new() }
         );
-        return Ok(Outcome { failed: plan.skipped_failed, interrupted: false });
+        return Ok(RunOutcome { failed: plan.skipped_failed, interrupted: false });
     }
 
+    // The server and model, before anything is created in the folder.
+    check_writable(&paths.dir)?;
     let clients = clients(&cfg)?;
-    let (capacities, server) = check_endpoints(&cfg, &clients).await?;
+    let (down, server) = check_endpoints(&clients).await?;
+    if lock.is_none() {
+        paths.create_dir()?;
+        lock = Some(OutputLock::acquire(&paths.dir)?);
+    }
+    let dataset = Dataset::open(&paths, &cfg.raw.output.formats)?;
+    start_log(&paths.log)?;
+    tracing::info!(config = %cfg.path.display(), urls = %cfg.urls(), model = %cfg.backend().model, rows = plan.rows,
+        requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
+    for (c, d) in clients.iter().zip(&down) {
+        match d {
+            None => tracing::info!(endpoint = c.url(), version = ?server.version, "server ready"),
+            Some(e) => tracing::warn!(endpoint = c.url(), error = %e, "server check failed: probed until it answers"),
+        }
+    }
+    if server.fake {
+        eprintln!("note: the server is the test suite's fake: the answers are made up; the manifest says so (server.fake)");
+        tracing::warn!("the server is the test suite's fake: do not train on this dataset");
+    }
+    for note in &prior.repairs {
+        tracing::warn!("{note}");
+    }
+    for k in config::unknown_options(cfg.options()) {
+        tracing::warn!(option = %k, "option is not one Ollama documents; passed through as written");
+    }
 
-    let mut m = new_manifest(&cfg, server.version.clone(), &plan, runs);
+    let mut m = new_manifest(&cfg, Some(&server), &plan, std::mem::take(&mut runs));
+    // Space for the manifest's last word should the disk fill up.
+    let mut reserve = SpaceReserve::create(&paths.dir, 8192.max(2 * serde_json::to_vec_pretty(&m).map(|v| v.len()).unwrap_or(0)));
     m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
 
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-    let display = tokio::spawn(progress::run_display(ev_rx, opts.display.resolve(), Duration::from_secs(5)));
+    let mode = opts.display.resolve();
+    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5)));
+    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() };
     let endpoint_urls = cfg.endpoints.iter().map(|e| e.url.clone()).collect();
-    let _ = ev_tx.send(Event::Started { total: plan.to_run, already_done: plan.already_done, endpoints: endpoint_urls });
+    progress.send(Event::Started { total: plan.requests, already_done: plan.already_done, skipped_failed: plan.skipped_failed, endpoints: endpoint_urls });
     let mut signals = stop_signals()?;
 
+    let capacities: Vec<usize> = cfg.endpoints.iter().map(|e| e.concurrency).collect();
     let concurrency: usize = capacities.iter().sum();
     let (job_tx, mut job_rx) = mpsc::channel::<anyhow::Result<Job>>(concurrency * 2);
     let prior = Arc::new(prior);
     let reader = spawn_reader(planner, prior, (opts.retry_failed, opts.redo_truncated), job_tx);
 
+    let stop = CancellationToken::new();
+    let is_down: Vec<bool> = down.iter().map(Option::is_some).collect();
     let ctx = Arc::new(Ctx {
+        pool: EndpointPool::new(&capacities, &is_down),
+        probes: clients.iter().map(|_| tokio::sync::Mutex::new(None)).collect(),
         clients,
-        pool: EndpointPool::new(&capacities),
         cfg: cfg.clone(),
-        events: ev_tx.clone(),
+        progress: progress.clone(),
         jitter: AtomicU64::new(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1) | 1,
         ),
+        stop: stop.clone(),
+        ride_outages: cfg.run().outage_wait_secs > 0.0,
+        probers: std::sync::Mutex::new(Vec::new()),
     });
+    for (i, d) in down.into_iter().enumerate() {
+        if let Some(e) = d {
+            if let Some((since, _)) = ctx.pool.mark_down(i) {
+                ctx.spawn_prober(i, since, e);
+            }
+        }
+    }
     // After the first stop signal no new job is taken; those in flight go on.
     let dispatching = Arc::new(AtomicBool::new(true));
     let open = dispatching.clone();
@@ -601,9 +824,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             std::task::Poll::Ready(None)
         }
     });
+    let job_ctx = ctx.clone();
     let mut results = jobs
         .map(move |job| {
-            let ctx = ctx.clone();
+            let ctx = job_ctx.clone();
             async move {
                 match job {
                     Ok(job) => Ok(ctx.run_job(job).await),
@@ -616,11 +840,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     let writer = Writer::spawn(dataset);
     let (mut done, mut failed, mut tokens) = (0u64, 0u64, 0u64);
     let mut fatal: Option<anyhow::Error> = None;
-    let mut stop: Option<&'static str> = None;
+    let mut stop_signal: Option<&'static str> = None;
     let mut aborted = false;
     let grace = Duration::from_secs_f64(cfg.run().stop_grace_secs);
+    let outage_limit = Duration::from_secs_f64(cfg.run().outage_wait_secs);
     let mut deadline = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut manifest_at = Instant::now();
+    let mut outage_clock = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             result = results.next() => {
@@ -635,6 +861,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
                         failed += 1;
                         WriteItem::Failure(f)
                     }
+                    Ok(JobResult::Abandoned) => continue,
                     Err(e) => {
                         fatal = Some(e);
                         break;
@@ -653,28 +880,48 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
             }
             sig = signals.recv() => {
                 let Some(sig) = sig else { continue };
-                if stop.is_none() {
-                    stop = Some(sig);
+                if stop_signal.is_none() {
+                    stop_signal = Some(sig);
                     dispatching.store(false, Ordering::SeqCst);
+                    stop.cancel();
                     deadline = tokio::time::Instant::now() + grace;
                     tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
-                    let _ = ev_tx.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
+                    progress.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
                 } else {
                     tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
                     aborted = true;
                     break;
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if stop.is_some() => {
+            _ = tokio::time::sleep_until(deadline), if stop_signal.is_some() => {
                 tracing::warn!("grace period over: abandoning the requests in flight");
                 aborted = true;
                 break;
             }
+            _ = outage_clock.tick(), if !outage_limit.is_zero() => {
+                let Some(since) = ctx.pool.all_down_since() else { continue };
+                if since.at.elapsed() >= outage_limit {
+                    let urls = cfg.urls();
+                    fatal = Some(anyhow::anyhow!(
+                        "stopped: {} {} been down since {} ({}), longer than run.outage_wait_secs ({}); the {} requests \
+                         finished are kept, and the rest were not marked failed: re-run the same command to continue",
+                        if cfg.endpoints.len() > 1 { "every server" } else { "the server" },
+                        if cfg.endpoints.len() > 1 { format!("({urls}) has") } else { format!("at {urls} has") },
+                        humantime::format_rfc3339_seconds(since.wall),
+                        progress::short_duration(since.at.elapsed()),
+                        progress::short_duration(outage_limit),
+                        plan.already_done + done
+                    ));
+                    break;
+                }
+            }
         }
     }
     drop(results);
+    ctx.stop_probers();
     let _ = reader.join();
     let write_result = writer.finish();
+    progress.send(Event::End);
     drop(ev_tx);
     let view = display.await.ok();
 
@@ -684,8 +931,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
         (Ok(()), Some(e)) => Some(e),
         (Ok(()), None) => None,
     };
-    let status = match (&error, stop, aborted, failed) {
-        (Some(_), ..) => "error",
+    let status = match (&error, stop_signal, aborted, failed) {
+        (Some(_), ..) => "failed",
         (None, Some(_), true, _) => "aborted",
         (None, Some(_), false, _) => "interrupted",
         (None, None, _, 0) => "completed",
@@ -694,18 +941,38 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<Outcome> {
     if let Some(r) = m.current_run() {
         r.ended_at = Some(record::now_rfc3339());
         r.status = status.into();
-        r.error = error.as_ref().map(|e| format!("{e:#}"));
+        r.error = error.as_ref().map(error_text);
     }
+    // A full disk made room for this with the reserve.
+    reserve.release();
     let manifest_result = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()));
     tracing::info!(done, failed, tokens, status, "run finished");
+    drop(lock);
     if let Some(e) = error {
-        tracing::error!(error = %format!("{e:#}"), "run stopped");
+        tracing::error!(error = %error_text(&e), "run stopped");
         return Err(e);
     }
     manifest_result?;
 
-    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stop);
-    Ok(Outcome { failed: failed + plan.skipped_failed, interrupted: stop.is_some() })
+    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stop_signal);
+    Ok(RunOutcome { failed: failed + plan.skipped_failed, interrupted: stop_signal.is_some() })
+}
+
+/// An error and its causes on one line, each cause said once (an I/O error is often both the
+/// message's tail and its source).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for cause in e.chain() {
+        let t = cause.to_string();
+        if s.contains(&t) {
+            continue;
+        }
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&t);
+    }
+    s
 }
 
 fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, view: Option<&progress::ProgressView>, stop: Option<&str>) {
@@ -790,6 +1057,7 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
 pub async fn check(cfg: Config) -> anyhow::Result<()> {
     let paths = OutputPaths::new(&cfg.output_dir);
     let planner = Planner::new(&cfg)?;
+    OutputLock::check_free(&paths.dir)?;
     let prior = resume::scan(&paths, &cfg.raw.output.formats)?;
     let opts = RunOptions { display: DisplayMode::None, retry_failed: true, redo_truncated: false };
     let plan = check_input(&planner, &prior, &opts)?;
