@@ -646,7 +646,6 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                         }
                     }
                 }
-                None => break,
             },
             _ = clock.tick() => match &mut screen {
                 Some(s) => s.draw(&view),
