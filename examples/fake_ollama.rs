@@ -55,6 +55,8 @@ attempts of that prompt (e.g. [[503x2]]: busy twice, then a normal answer).
   [[truncate]]  the stream ends without done
   [[drop]]      the connection is closed mid-chunk
   [[stall]]     goes silent mid-stream for 30 s, then closes
+  [[keepalive]] from halfway, only keep-alives (SSE comments, blank NDJSON lines), no data
+  [[wait3600]]  HTTP 429 with Retry-After: 3600
   [[think]]     thinking text first
   [[length]]    ends with done_reason: length
   [[slow]]      a pause per token
