@@ -39,12 +39,13 @@ pub enum Event {
     Failed { job: JobId, label: String, error: String },
     /// The request was given up without a result (Ctrl-C during a wait, the outage limit).
     Abandoned { job: JobId },
-    /// An endpoint is down (a probe confirmed it); the next probe is at `next_try`.
-    EndpointDown { endpoint: usize, since: SystemTime, next_try: Instant, error: String },
+    /// An endpoint is down (a probe confirmed it); the next probe is at `next_try`. `first` for
+    /// the event that took it down, not for the later failed probes.
+    EndpointDown { endpoint: usize, since: SystemTime, next_try: Instant, error: String, first: bool },
     /// A probe answered: the endpoint is back after being down for `after`.
     EndpointUp { endpoint: usize, after: Duration },
-    /// An endpoint that answers but keeps failing was set aside (`up: false`), or came back.
-    Endpoint { endpoint: usize, up: bool },
+    /// An endpoint that answers but keeps failing was set aside until `until`, or came back (None).
+    Endpoint { endpoint: usize, until: Option<Instant> },
     /// No new requests will start (Ctrl-C); those in flight may finish until `deadline`.
     Stopping { signal: String, deadline: Instant },
     /// The run is over: the display clears itself and returns its view.
@@ -91,7 +92,8 @@ pub struct EndpointView {
     pub errors: u64,
     pub chunks: u64,
     pub completion_tokens: u64,
-    pub set_aside: bool,
+    /// Set aside (it answers but keeps failing) until then.
+    pub set_aside: Option<Instant>,
     /// Down since, and the next probe.
     pub down: Option<(SystemTime, Instant, String)>,
 }
@@ -238,7 +240,7 @@ impl ProgressView {
             Event::Abandoned { job } => {
                 self.in_flight.remove(job);
             }
-            Event::EndpointDown { endpoint, since, next_try, error } => {
+            Event::EndpointDown { endpoint, since, next_try, error, .. } => {
                 if let Some(e) = self.endpoints.get_mut(*endpoint) {
                     e.down = Some((*since, *next_try, error.clone()));
                 }
@@ -248,9 +250,9 @@ impl ProgressView {
                     e.down = None;
                 }
             }
-            Event::Endpoint { endpoint, up } => {
+            Event::Endpoint { endpoint, until } => {
                 if let Some(e) = self.endpoints.get_mut(*endpoint) {
-                    e.set_aside = !up;
+                    e.set_aside = *until;
                 }
             }
             Event::Stopping { signal, deadline } => self.stopping = Some((signal.clone(), *deadline)),
@@ -285,6 +287,18 @@ impl ProgressView {
         !self.endpoints.is_empty() && self.endpoints.iter().all(|e| e.down.is_some())
     }
 
+    /// Why a request that waits for a slot waits: every server down, every server set aside, or
+    /// just busy.
+    fn slot_wait(&self) -> &'static str {
+        if self.paused() {
+            "server down, waiting"
+        } else if !self.endpoints.is_empty() && self.endpoints.iter().all(|e| e.down.is_some() || e.set_aside.is_some()) {
+            "server set aside, waiting"
+        } else {
+            "waiting for a free server slot"
+        }
+    }
+
     /// Time left: the pace so far over what is left, and never less than the longest wait a
     /// request in flight was told to sit out (a server's `Retry-After`). None before the first
     /// row finishes, or while the run is paused.
@@ -300,7 +314,8 @@ impl ProgressView {
                 Phase::RetryWait { until, .. } => Some(until.saturating_duration_since(now)),
                 _ => None,
             })
-            .max();
+            .max()
+            .filter(|w| !w.is_zero());
         let rate = self.rows_per_sec();
         let pace = (rate > 0.0 && self.done + self.failed > 0).then(|| Duration::from_secs_f64(self.left() as f64 / rate));
         match (pace, wait) {
@@ -321,8 +336,8 @@ impl ProgressView {
                 let tokens = if self.streamed_chunks > 0 { e.chunks } else { e.completion_tokens };
                 let health = match (&e.down, e.set_aside) {
                     (Some((since, next, _)), _) => format!(" · DOWN since {}, next try in {}", clock(*since), short_duration(next.saturating_duration_since(Instant::now()))),
-                    (None, true) => " · SET ASIDE (failing)".to_owned(),
-                    (None, false) => String::new(),
+                    (None, Some(until)) => format!(" · SET ASIDE (failing), back in {}", short_duration(until.saturating_duration_since(Instant::now()))),
+                    (None, None) => String::new(),
                 };
                 format!("{}: {} done · {:.1} tok/s · {} errors{health}", e.url, e.done, tokens as f64 / secs, e.errors)
             })
@@ -336,6 +351,13 @@ impl ProgressView {
         self.endpoints
             .iter()
             .filter_map(|e| {
+                if let (None, Some(until)) = (&e.down, e.set_aside) {
+                    let who = if several { e.url.as_str() } else { "server" };
+                    return Some(format!(
+                        "{who} set aside, back in {}: it keeps failing (5xx to row after row)",
+                        short_duration(until.saturating_duration_since(Instant::now()))
+                    ));
+                }
                 let (since, next, _) = e.down.as_ref()?;
                 let down_for = SystemTime::now().duration_since(*since).unwrap_or_default();
                 let who = if several { format!("{} down", e.url) } else { "server down".to_owned() };
@@ -410,8 +432,9 @@ impl ProgressView {
         let room = rows.saturating_sub(lines.len() + 1).max(1);
         let n = self.in_flight.len();
         let show = if n > room { room.saturating_sub(1) } else { n };
+        let slot_wait = self.slot_wait();
         for f in self.in_flight.values().take(show) {
-            lines.push(request_line(f, width));
+            lines.push(request_line(f, width, slot_wait));
         }
         if show < n {
             lines.push(fit(&format!("  … and {} more in flight", n - show), width));
@@ -473,10 +496,17 @@ fn bar_of(ratio: f64, width: usize) -> String {
 }
 
 /// `  row 12  streaming 143 tok 21 tok/s │ newest text…`, `  row 7  retry 2/4 in 8s: 503 …`.
-fn request_line(f: &InFlight, width: usize) -> String {
+/// `slot_wait` says what a request that waits for a slot waits for.
+fn request_line(f: &InFlight, width: usize, slot_wait: &str) -> String {
     let secs = f.since.elapsed();
+    let waiting_for_slot = match &f.phase {
+        Phase::Queued => true,
+        Phase::RetryWait { until, .. } => *until <= Instant::now(),
+        _ => false,
+    };
     let state = match &f.phase {
-        Phase::Queued => format!("waiting for a free server slot {}", short_duration(secs)),
+        Phase::Queued => slot_wait.to_owned(),
+        _ if waiting_for_slot => slot_wait.to_owned(),
         Phase::Sent => format!("queued on server {}", short_duration(secs)),
         Phase::PromptEval => format!("prompt eval {}", short_duration(secs)),
         Phase::Streaming => {
@@ -651,6 +681,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                 Some(s) => s.draw(&view),
                 None if mode == DisplayMode::Plain && view.total > 0 => {
                     eprintln!("[{}] {}", format_duration(view.started.elapsed()), view.summary_line());
+                    for line in view.outage_lines().iter().filter(|_| view.endpoints.len() < 2) {
+                        eprintln!("    {line}");
+                    }
                     for line in view.endpoint_lines() {
                         eprintln!("    {line}");
                     }
@@ -672,15 +705,18 @@ fn notice(ev: &Event, view: &ProgressView) -> Option<String> {
     match ev {
         Event::Failed { label, error, .. } => Some(format!("failed: {label}: {error}")),
         Event::Stopping { .. } => view.stopping_line(),
-        Event::EndpointDown { endpoint, since, next_try, error } => Some(format!(
-            "server down since {} ({}): {}; next try in {}",
+        Event::EndpointDown { endpoint, since, error, first: true, .. } => Some(format!(
+            "server down since {} ({}): {}; requests wait for it (no retries spent)",
             clock(*since),
             url(endpoint),
             one_line(error),
-            short_duration(next_try.saturating_duration_since(Instant::now()))
         )),
         Event::EndpointUp { endpoint, after } => Some(format!("server back after {} ({})", short_duration(*after), url(endpoint))),
-        Event::Endpoint { endpoint, up: false } => Some(format!("set aside for a while, it keeps failing: {}", url(endpoint))),
+        Event::Endpoint { endpoint, until: Some(until) } => Some(format!(
+            "set aside for {}, it keeps failing: {}",
+            short_duration(until.saturating_duration_since(Instant::now())),
+            url(endpoint)
+        )),
         _ => None,
     }
 }
@@ -830,7 +866,7 @@ mod tests {
     fn an_outage_is_told_with_its_start_and_next_try() {
         let mut v = started(10, 0, 1);
         let since = SystemTime::UNIX_EPOCH + Duration::from_secs(2 * 3600 + 14 * 60 + 7);
-        v.apply(&Event::EndpointDown { endpoint: 0, since, next_try: Instant::now() + Duration::from_secs(30), error: "refused".into() });
+        v.apply(&Event::EndpointDown { endpoint: 0, since, next_try: Instant::now() + Duration::from_secs(30), error: "refused".into(), first: true });
         assert!(v.paused() && v.eta().is_none());
         let l = &v.outage_lines()[0];
         assert!(l.starts_with("server down since 02:14:07 ("), "{l}");

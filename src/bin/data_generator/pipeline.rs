@@ -134,6 +134,16 @@ async fn get_student_response(
     Err(ClientError::Truncated)
 }
 
+/// The gist of a check's error for a one-line message: its first line, and of a long chain of
+/// causes the last one (`Connection refused (os error 111)`).
+fn short_reason(message: &str) -> String {
+    let first = message.lines().next().unwrap_or(message).trim();
+    if first.len() <= 100 {
+        return first.to_owned();
+    }
+    first.rsplit(": ").next().unwrap_or(first).to_owned()
+}
+
 /// What became of one job.
 enum JobResult {
     Record(Box<Record>),
@@ -203,11 +213,11 @@ impl Ctx {
                 Change::SetAside { endpoint, for_ } => {
                     let url = self.clients[endpoint].url();
                     tracing::warn!(endpoint = url, secs = for_.as_secs(), "endpoint keeps failing: set aside for a while");
-                    self.progress.send(Event::Endpoint { endpoint, up: false });
+                    self.progress.send(Event::Endpoint { endpoint, until: Some(Instant::now() + for_) });
                 }
                 Change::Back { endpoint } => {
                     tracing::info!(endpoint = self.clients[endpoint].url(), "endpoint back in use");
-                    self.progress.send(Event::Endpoint { endpoint, up: true });
+                    self.progress.send(Event::Endpoint { endpoint, until: None });
                 }
             }
         }
@@ -218,7 +228,7 @@ impl Ctx {
         let limit = Duration::from_secs_f64(self.cfg.run().connect_timeout_secs.max(10.0));
         match tokio::time::timeout(limit, self.clients[endpoint].check()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => Err(short_reason(&e.to_string())),
             Err(_) => Err(format!("no answer within {}", progress::short_duration(limit))),
         }
     }
@@ -259,10 +269,12 @@ impl Ctx {
         let task = tokio::spawn(async move {
             let mut delay = PROBE_FIRST;
             let mut error = first_error;
+            let mut first = true;
             loop {
                 let wait = Duration::from_secs_f64(delay.as_secs_f64() * (0.25 + ctx.jitter_factor()));
                 let next_try = Instant::now() + wait;
-                ctx.progress.send(Event::EndpointDown { endpoint, since: since.wall, next_try, error: error.clone() });
+                ctx.progress.send(Event::EndpointDown { endpoint, since: since.wall, next_try, error: error.clone(), first });
+                first = false;
                 tokio::time::sleep(wait).await;
                 match ctx.probe(endpoint).await {
                     Ok(()) => {
@@ -763,7 +775,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         }
     }
     if server.fake {
-        eprintln!("note: the server is the test suite's fake: the answers are made up; the manifest says so (server.fake)");
+        eprintln!("note: the test suite's fake server answers: made-up text (manifest: server.fake)");
         tracing::warn!("the server is the test suite's fake: do not train on this dataset");
     }
     for note in &prior.repairs {
@@ -810,7 +822,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     for (i, d) in down.into_iter().enumerate() {
         if let Some(e) = d {
             if let Some((since, _)) = ctx.pool.mark_down(i) {
-                ctx.spawn_prober(i, since, e);
+                ctx.spawn_prober(i, since, short_reason(&e));
             }
         }
     }
