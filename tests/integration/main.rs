@@ -5,6 +5,7 @@ mod fake_ollama;
 mod util;
 
 mod errors;
+mod faults;
 mod inspect;
 mod memory;
 mod overnight;
