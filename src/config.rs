@@ -410,6 +410,12 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
             ));
         }
     }
+    if b.kind == BackendKind::Ollama && b.api_key_env.is_some() {
+        return Err(invalid(
+            "backend.api_key_env",
+            "is for kind = \"openai\" only (Ollama takes no key; for a proxy in front of it, put user:password in the URL)".into(),
+        ));
+    }
     let api_key = match &b.api_key_env {
         None => None,
         Some(name) => match env(name) {
@@ -657,12 +663,8 @@ fn valid_go_duration(s: &str) -> bool {
 }
 
 /// A URL from the config or the command line: must be http(s) with a host and, when a port is
-/// written, a port; a trailing slash is dropped.
-fn normalize_url(u: &str) -> Result<String, String> {
-    split_url(u).map(|(url, _)| url)
-}
-
-/// [`normalize_url`], with `user:password@` taken out of the URL and returned apart.
+/// written, a port; a trailing slash is dropped. `user:password@` is taken out of the URL and
+/// returned apart.
 pub fn split_url(u: &str) -> Result<(String, Option<(String, Option<String>)>), String> {
     let u = u.trim();
     let shown = scrub_credentials(u);
@@ -725,6 +727,8 @@ pub fn scrub_credentials(text: &str) -> String {
 /// a scheme without a port means 80/443; a path is kept; bind addresses map to loopback.
 pub fn ollama_host_url(raw: &str) -> Result<String, String> {
     let s = raw.trim().trim_matches(|c| c == '"' || c == '\'').trim();
+    // Messages show the value without any `user:password@`.
+    let shown = scrub_credentials(s);
     if s.is_empty() {
         return Ok(DEFAULT_OLLAMA_URL.to_owned());
     }
@@ -734,15 +738,20 @@ pub fn ollama_host_url(raw: &str) -> Result<String, String> {
             let port = match scheme.as_str() {
                 "http" => "80",
                 "https" => "443",
-                _ => return Err(format!("{raw:?}: only http:// and https:// are supported")),
+                _ => return Err(format!("{shown:?}: only http:// and https:// are supported")),
             };
             (scheme, rest, port)
         }
         None => ("http".to_owned(), s, "11434"),
     };
-    let (hostport, path) = match rest.find('/') {
+    let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
         None => (rest, ""),
+    };
+    // Credentials are kept in the URL (the caller takes them out for basic auth).
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), authority),
     };
     let (host, port) = split_host_port(hostport).unwrap_or((hostport, default_port));
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -753,10 +762,10 @@ pub fn ollama_host_url(raw: &str) -> Result<String, String> {
         h => h.to_owned(),
     };
     if port.parse::<u16>().is_err() {
-        return Err(format!("{raw:?}: {port:?} is not a port"));
+        return Err(format!("{shown:?}: {port:?} is not a port"));
     }
-    let url = format!("{scheme}://{host}:{port}{path}");
-    normalize_url(&url).map_err(|_| format!("{raw:?} does not make a URL ({url})"))
+    let url = format!("{scheme}://{userinfo}{host}:{port}{path}");
+    split_url(&url).map(|_| url.clone()).map_err(|_| format!("{shown:?} does not make a URL ({})", scrub_credentials(&url)))
 }
 
 /// `host:port` or `[v6]:port`; None when there is no port.
@@ -825,6 +834,9 @@ mod tests {
             assert_eq!(ollama_host_url(input).as_deref(), Ok(want), "OLLAMA_HOST={input:?}");
         }
         assert!(ollama_host_url("ftp://x").is_err());
+        assert_eq!(ollama_host_url("http://u:pw@h:1").as_deref(), Ok("http://u:pw@h:1"));
+        assert_eq!(ollama_host_url("u:pw@h").as_deref(), Ok("http://u:pw@h:11434"));
+        assert!(!ollama_host_url("ftp://u:pw@h").unwrap_err().contains("pw"));
         assert!(ollama_host_url("host:notaport").is_err());
     }
 

@@ -357,11 +357,20 @@ pub enum WriteItem {
     Failure(Box<Failure>),
 }
 
+/// What the writer thread has written (whole, in every file).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub records: u64,
+    pub failures: u64,
+    /// Completion tokens of the records written.
+    pub tokens: u64,
+}
+
 /// The one writer: a thread that owns the dataset files. Sends fail once it has stopped on an
-/// error; `finish` returns that error.
+/// error; `finish` returns that error, and what was written before it.
 pub struct Writer {
     tx: Option<mpsc::Sender<WriteItem>>,
-    handle: Option<std::thread::JoinHandle<Result<(), DatasetError>>>,
+    handle: Option<std::thread::JoinHandle<(Written, Result<(), DatasetError>)>>,
 }
 
 impl Writer {
@@ -370,15 +379,26 @@ impl Writer {
         let handle = std::thread::Builder::new()
             .name("dataset-writer".into())
             .spawn(move || {
-                loop {
-                    match rx.recv_timeout(SYNC_INTERVAL) {
-                        Ok(WriteItem::Record(r)) => dataset.write_record(&r)?,
-                        Ok(WriteItem::Failure(f)) => dataset.write_failure(&f)?,
-                        Err(mpsc::RecvTimeoutError::Timeout) => dataset.sync()?,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                let mut written = Written::default();
+                let result = (|| {
+                    loop {
+                        match rx.recv_timeout(SYNC_INTERVAL) {
+                            Ok(WriteItem::Record(r)) => {
+                                dataset.write_record(&r)?;
+                                written.records += 1;
+                                written.tokens += r.completion_tokens.unwrap_or(0);
+                            }
+                            Ok(WriteItem::Failure(f)) => {
+                                dataset.write_failure(&f)?;
+                                written.failures += 1;
+                            }
+                            Err(mpsc::RecvTimeoutError::Timeout) => dataset.sync()?,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        }
                     }
-                }
-                dataset.sync()
+                    dataset.sync()
+                })();
+                (written, result)
             })
             .ok();
         Writer { tx: Some(tx), handle }
@@ -389,14 +409,14 @@ impl Writer {
         self.tx.as_ref().is_some_and(|tx| tx.send(item).is_ok()) && self.handle.is_some()
     }
 
-    /// Closes the channel, waits for every queued item to be written and synced.
-    pub fn finish(mut self) -> Result<(), DatasetError> {
+    /// Closes the channel, waits for every queued item to be written and synced. Returns what
+    /// was written whole (on an error too: the counts the manifest should show) and the error.
+    pub fn finish(mut self) -> (Written, Result<(), DatasetError>) {
         self.tx.take();
+        let failed = |what: &str| Err(DatasetError::Write { path: PathBuf::from("dataset"), source: io::Error::other(what.to_owned()) });
         match self.handle.take() {
-            Some(h) => h.join().unwrap_or_else(|_| {
-                Err(DatasetError::Write { path: PathBuf::from("dataset"), source: io::Error::other("writer thread panicked") })
-            }),
-            None => Err(DatasetError::Write { path: PathBuf::from("dataset"), source: io::Error::other("cannot start the writer thread") }),
+            Some(h) => h.join().unwrap_or_else(|_| (Written::default(), failed("writer thread panicked"))),
+            None => (Written::default(), failed("cannot start the writer thread")),
         }
     }
 }

@@ -4,14 +4,14 @@
 //! refused, fake datasets marked, progress counts (plain lines and the bar) with failed rows beside
 //! the done count and earlier runs included, and a full disk recorded as `failed` in the manifest.
 
-use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::fake_ollama::{expected_response, FakeOllama, Options};
-use crate::util::{read_jsonl, write_questions, ConfigBuilder, Dir, BIN};
+use crate::util::{check_records, read_csv, read_jsonl, spawn_with, wait_for, write_questions, ConfigBuilder, Dir, BIN};
 
 fn questions(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("faulty question {i}: pourquoi ? 日本 🎉")).collect()
@@ -51,44 +51,10 @@ fn contains_bytes(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-/// Every record once, each with the fake's exact text.
-fn check_records(dir: &Dir, n: usize) -> Vec<Value> {
-    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
-    assert_eq!(recs.len(), n, "one record per row");
-    let ids: HashSet<(String, u64)> =
-        recs.iter().map(|r| (r["id"].as_str().unwrap_or_default().to_owned(), r["sample"].as_u64().unwrap_or(99))).collect();
-    assert_eq!(ids.len(), n, "no (row, sample) twice");
-    for r in &recs {
-        assert_eq!(r["response"].as_str(), Some(expected_response(r["prompt"].as_str().unwrap_or_default()).as_str()), "byte-exact");
-    }
-    recs
-}
-
 /// The complete (newline-terminated, parseable) records of the dataset.
 fn complete_records(dir: &Dir) -> Vec<Value> {
     let Ok(text) = std::fs::read_to_string(dir.join("out/dataset.jsonl")) else { return Vec::new() };
     text.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(|l| serde_json::from_str(l).ok()).collect()
-}
-
-fn spawn(dir: &Dir, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir.path())
-        .env_remove("OLLAMA_HOST")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn data_generator")
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// The plain progress lines of a run's stderr (`[5s] 2/6 done, 1 failed, ...`), without the clock.
@@ -278,7 +244,7 @@ fn after_kill_9_the_next_run_counts_what_the_killed_run_finished() {
     let mut cfg = ConfigBuilder::new(&fake.url());
     cfg.run = "concurrency = 2\n".into();
     dir.write("run.toml", cfg.toml());
-    let mut child = spawn(&dir, &["--config", "run.toml", "--progress", "none"], Stdio::null(), Stdio::null());
+    let mut child = spawn_with(&dir, &["--config", "run.toml", "--progress", "none"], Stdio::null(), Stdio::null());
     wait_for("5 records", Duration::from_secs(60), || {
         std::fs::read_to_string(dir.join("out/dataset.jsonl")).is_ok_and(|t| t.lines().count() >= 5)
     });
@@ -500,6 +466,11 @@ fn full_disk_leaves_a_failed_manifest_and_no_temp_file() {
     assert!(!dir.join("saved/out/.manifest.json.tmp").exists());
     let recs = read_jsonl(&dir.join("saved/out/dataset.jsonl")); // every line whole
     assert!(!recs.is_empty() && recs.len() < 60, "{} records", recs.len());
+    for r in &recs {
+        assert_eq!(r["response"].as_str(), Some(expected_response(r["prompt"].as_str().unwrap_or_default()).as_str()));
+    }
+    let (_, csv_rows) = read_csv(&dir.join("saved/out/dataset.csv"));
+    assert!(csv_rows.len() <= recs.len());
 }
 
 // 10b. The failed run's counts in the manifest are what the dataset holds: a record that never
@@ -516,4 +487,18 @@ fn full_disk_manifest_counts_only_the_records_written() {
     assert_eq!(last["done"], recs.len() as u64, "runs[-1].done vs the {} records in dataset.jsonl\n{m}", recs.len());
     assert_eq!(m["counts"]["done"], recs.len() as u64, "counts.done vs the {} records in dataset.jsonl\n{m}", recs.len());
     assert_eq!(m["counts"]["remaining"], 60 - recs.len() as u64, "counts.remaining\n{m}");
+}
+
+// --fresh moves the old folder aside only once the run can start: with the server down it stays.
+#[test]
+fn fresh_with_the_server_down_moves_nothing() {
+    let mut fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_n_questions(&dir, 3);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    fake.stop();
+    dir.run(&["--config", "run.toml", "--fresh"], &[]).expect_code(1).expect_stderr("cannot reach Ollama");
+    assert!(!dir.join("out.old-1").exists(), "nothing moved aside");
+    check_records(&dir, 3);
 }

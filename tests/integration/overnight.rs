@@ -1,54 +1,22 @@
 //! A night's run against servers that go away: outages ride out (or stop the run cleanly after
 //! `outage_wait_secs`), and one run per output folder.
 
-use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::fake_ollama::{expected_response, FakeOllama, Options};
-use crate::util::{read_jsonl, write_questions, ConfigBuilder, Dir, BIN};
+use crate::fake_ollama::{FakeOllama, Options};
+use crate::util::{check_records, read_jsonl, spawn, wait_for, write_questions, ConfigBuilder, Dir};
 
 fn questions(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("question number {i}")).collect()
 }
 
-fn spawn(dir: &Dir, args: &[&str]) -> Child {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(dir.path())
-        .env_remove("OLLAMA_HOST")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn data_generator")
-}
-
 fn finish(child: Child) -> (Option<i32>, String, String) {
     let out = child.wait_with_output().expect("wait");
     (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Every record once, each with the fake's exact text.
-fn check_records(dir: &Dir, n: usize) -> Vec<Value> {
-    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
-    assert_eq!(recs.len(), n, "one record per row");
-    let ids: HashSet<&str> = recs.iter().filter_map(|r| r["id"].as_str()).collect();
-    assert_eq!(ids.len(), n, "no row twice");
-    for r in &recs {
-        assert_eq!(r["response"].as_str(), Some(expected_response(r["prompt"].as_str().unwrap_or_default()).as_str()));
-    }
-    recs
 }
 
 fn slow_fake() -> Options {

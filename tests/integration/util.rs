@@ -1,8 +1,10 @@
 //! Test helpers: a temporary project folder, running the binary, reading what it wrote.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -155,4 +157,46 @@ pub fn write_questions(dir: &Dir, questions: &[&str]) {
         s.push('\n');
     }
     dir.write("questions.jsonl", s);
+}
+
+/// Starts the binary in `dir` without waiting (for kills, signals and runs side by side).
+pub fn spawn_with(dir: &Dir, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .current_dir(dir.path())
+        .env_remove("OLLAMA_HOST")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn data_generator")
+}
+
+/// [`spawn_with`], output captured.
+pub fn spawn(dir: &Dir, args: &[&str]) -> Child {
+    spawn_with(dir, args, Stdio::piped(), Stdio::piped())
+}
+
+/// Waits until `ok`, failing the test after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `out/dataset.jsonl` holds `n` records, each (row, sample) once, each with the fake's exact text.
+pub fn check_records(dir: &Dir, n: usize) -> Vec<Value> {
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    assert_eq!(recs.len(), n, "one record per row");
+    let ids: HashSet<(String, u64)> =
+        recs.iter().map(|r| (r["id"].as_str().unwrap_or_default().to_owned(), r["sample"].as_u64().unwrap_or(99))).collect();
+    assert_eq!(ids.len(), n, "no (row, sample) twice");
+    for r in &recs {
+        let want = crate::fake_ollama::expected_response(r["prompt"].as_str().unwrap_or_default());
+        assert_eq!(r["response"].as_str(), Some(want.as_str()), "byte-exact");
+    }
+    recs
 }

@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use data_generator::config::{self, Config, Overrides};
-use data_generator::dataset;
 use data_generator::export::{self, ExportFormat, Filters};
 use data_generator::inspect::{self, InspectOptions, Source};
 use data_generator::progress::DisplayMode;
@@ -206,20 +205,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(args: RunArgs) -> anyhow::Result<u8> {
     let cfg = load_config(args.config)?;
-    if args.fresh {
-        // Not from under a run that writes there.
-        let lock = dataset::OutputLock::acquire_if_exists(&cfg.output_dir)?;
-        let moved = dataset::move_aside(&cfg.output_dir)
-            .with_context(|| format!("--fresh: cannot move {} aside", cfg.output_dir.display()))?;
-        drop(lock);
-        if let Some(to) = moved {
-            eprintln!("--fresh: moved the old {} to {}", cfg.output_dir.display(), to.display());
-        }
-    }
     let opts = pipeline::RunOptions {
         display: args.progress,
         retry_failed: !args.no_retry_failed,
         redo_truncated: args.redo_truncated,
+        fresh: args.fresh,
     };
     let outcome = runtime()?.block_on(pipeline::run(cfg, opts))?;
     Ok(if outcome.interrupted {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use data_generator::backend::{Chunk, ClientError, ModelClient, Request, ServerInfo, Stats};
 use data_generator::config::{self, BackendKind, Config};
-use data_generator::dataset::{Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
+use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
 use data_generator::endpoints::{Change, EndpointPool, Outcome, Since};
 use data_generator::input::{IdSet, InputError, Row, RowReader};
 use data_generator::manifest::{self, Manifest, RunEntry};
@@ -47,6 +47,8 @@ pub struct RunOptions {
     pub retry_failed: bool,
     /// Run again the requests whose record was cut off by `num_predict`.
     pub redo_truncated: bool,
+    /// Start over: the old folder is moved aside (once the checks pass) and nothing in it counts.
+    pub fresh: bool,
 }
 
 /// One request: a (row, sample) with its rendered prompt and the options it is sent with.
@@ -574,7 +576,7 @@ fn check_input(planner: &Planner, prior: &Prior, opts: &RunOptions) -> anyhow::R
 /// receiving side is gone.
 fn spawn_reader(planner: Planner, prior: Arc<Prior>, opts: (bool, bool), tx: mpsc::Sender<anyhow::Result<Job>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let opts = RunOptions { display: DisplayMode::None, retry_failed: opts.0, redo_truncated: opts.1 };
+        let opts = RunOptions { display: DisplayMode::None, retry_failed: opts.0, redo_truncated: opts.1, fresh: false };
         let send = |j| tx.blocking_send(j).is_ok();
         let rows = match rows(&planner.cfg) {
             Ok(r) => r,
@@ -714,8 +716,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // One run per folder: the lock comes before anything is read or repaired. A folder that does
     // not exist yet is locked when it is created, after the checks.
     let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
-    let (mut runs, killed_since) = if lock.is_some() { prior_runs(&paths)? } else { (Vec::new(), None) };
-    let prior = resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref())?;
+    let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
+    let prior = if opts.fresh { Prior::default() } else { resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref())? };
     if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
         // Killed (or the machine went down): its own counts never made it to the manifest.
         last.status = "killed".into();
@@ -760,6 +762,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     check_writable(&paths.dir)?;
     let clients = clients(&cfg)?;
     let (down, server) = check_endpoints(&clients).await?;
+    if opts.fresh && lock.is_some() {
+        // Only now that the run can start: a --fresh that fails its checks moves nothing.
+        let moved = dataset::move_aside(&paths.dir).with_context(|| format!("--fresh: cannot move {} aside", paths.dir.display()))?;
+        lock = None;
+        if let Some(to) = moved {
+            eprintln!("--fresh: moved the old {} to {}", paths.dir.display(), to.display());
+        }
+    }
     if lock.is_none() {
         paths.create_dir()?;
         lock = Some(OutputLock::acquire(&paths.dir)?);
@@ -932,11 +942,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     drop(results);
     ctx.stop_probers();
     let _ = reader.join();
-    let write_result = writer.finish();
+    let (written, write_result) = writer.finish();
     progress.send(Event::End);
     drop(ev_tx);
     let view = display.await.ok();
 
+    // What is in the files counts, not what came back: after a failed write they differ.
+    let (done, failed, tokens) = (written.records, written.failures, written.tokens);
     tally(&mut m, &plan, done, failed, tokens);
     let error = match (write_result, fatal) {
         (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
@@ -1071,7 +1083,7 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     let planner = Planner::new(&cfg)?;
     OutputLock::check_free(&paths.dir)?;
     let prior = resume::scan(&paths, &cfg.raw.output.formats)?;
-    let opts = RunOptions { display: DisplayMode::None, retry_failed: true, redo_truncated: false };
+    let opts = RunOptions { display: DisplayMode::None, retry_failed: true, redo_truncated: false, fresh: false };
     let plan = check_input(&planner, &prior, &opts)?;
     let samples = cfg.run().samples_per_prompt;
     println!("config:  {} is valid", cfg.path.display());
