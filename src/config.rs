@@ -92,13 +92,16 @@ pub struct EndpointConfig {
     pub concurrency: Option<usize>,
 }
 
+/// A user name and optional password, for HTTP basic auth.
+pub type Credentials = (String, Option<String>);
+
 /// A server the run sends requests to, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     /// The URL without credentials: what records, the manifest, the log and messages show.
     pub url: String,
     /// `user:password` from the URL as written, sent as HTTP basic auth and shown nowhere.
-    pub credentials: Option<(String, Option<String>)>,
+    pub credentials: Option<Credentials>,
     pub concurrency: usize,
     /// Where the URL came from, for messages: `--url`, `backend.url`, `backend.urls[1]`, `OLLAMA_HOST`.
     pub source: String,
@@ -665,7 +668,7 @@ fn valid_go_duration(s: &str) -> bool {
 /// A URL from the config or the command line: must be http(s) with a host and, when a port is
 /// written, a port; a trailing slash is dropped. `user:password@` is taken out of the URL and
 /// returned apart.
-pub fn split_url(u: &str) -> Result<(String, Option<(String, Option<String>)>), String> {
+pub fn split_url(u: &str) -> Result<(String, Option<Credentials>), String> {
     let u = u.trim();
     let shown = scrub_credentials(u);
     let parsed = reqwest::Url::parse(u).map_err(|e| format!("{shown:?} is not a URL: {e}"))?;

@@ -29,7 +29,7 @@ pub struct OllamaClient {
     http: reqwest::Client,
     /// The URL without credentials (those go in `auth`).
     base: String,
-    auth: Option<(String, Option<String>)>,
+    auth: Option<config::Credentials>,
     api: OllamaApi,
     model: String,
     keep_alive: Option<Value>,

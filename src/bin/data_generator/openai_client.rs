@@ -24,7 +24,7 @@ pub struct OpenAiClient {
     http: reqwest::Client,
     /// The URL without credentials (those go in `basic`).
     base: String,
-    basic: Option<(String, Option<String>)>,
+    basic: Option<config::Credentials>,
     model: String,
     api_key: Option<String>,
     idle: Duration,
