@@ -120,6 +120,9 @@ pub struct ProgressView {
     /// Set once a stop was asked for: the signal and the end of the grace period.
     pub stopping: Option<(String, Instant)>,
     pub endpoints: Vec<EndpointView>,
+    /// Time spent paused (every server down), so rates and the ETA count working time only.
+    paused_total: Duration,
+    paused_since: Option<Instant>,
 }
 
 const TAIL_CHARS: usize = 200;
@@ -139,7 +142,27 @@ impl ProgressView {
             in_flight: BTreeMap::new(),
             stopping: None,
             endpoints: Vec::new(),
+            paused_total: Duration::ZERO,
+            paused_since: None,
         }
+    }
+
+    /// Notes when the run starts or stops being paused.
+    fn track_pause(&mut self) {
+        match (self.paused(), self.paused_since) {
+            (true, None) => self.paused_since = Some(Instant::now()),
+            (false, Some(t)) => {
+                self.paused_total += t.elapsed();
+                self.paused_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Seconds the run has been working (not paused).
+    fn active_secs(&self) -> f64 {
+        let paused = self.paused_total + self.paused_since.map(|t| t.elapsed()).unwrap_or_default();
+        self.started.elapsed().saturating_sub(paused).as_secs_f64()
     }
 
     fn endpoint_of(&mut self, job: JobId) -> Option<&mut EndpointView> {
@@ -244,11 +267,13 @@ impl ProgressView {
                 if let Some(e) = self.endpoints.get_mut(*endpoint) {
                     e.down = Some((*since, *next_try, error.clone()));
                 }
+                self.track_pause();
             }
             Event::EndpointUp { endpoint, .. } => {
                 if let Some(e) = self.endpoints.get_mut(*endpoint) {
                     e.down = None;
                 }
+                self.track_pause();
             }
             Event::Endpoint { endpoint, until } => {
                 if let Some(e) = self.endpoints.get_mut(*endpoint) {
@@ -271,13 +296,13 @@ impl ProgressView {
     }
 
     pub fn rows_per_sec(&self) -> f64 {
-        let secs = self.started.elapsed().as_secs_f64();
+        let secs = self.active_secs();
         if secs > 0.0 { (self.done + self.failed) as f64 / secs } else { 0.0 }
     }
 
     /// Tokens per second: streamed pieces when they are shown, else the finished records' tokens.
     pub fn tokens_per_sec(&self) -> f64 {
-        let secs = self.started.elapsed().as_secs_f64();
+        let secs = self.active_secs();
         let n = if self.streamed_chunks > 0 { self.streamed_chunks } else { self.completion_tokens };
         if secs > 0.0 { n as f64 / secs } else { 0.0 }
     }
@@ -706,12 +731,16 @@ fn notice(ev: &Event, view: &ProgressView) -> Option<String> {
         Event::Failed { label, error, .. } => Some(format!("failed: {label}: {error}")),
         Event::Stopping { .. } => view.stopping_line(),
         Event::EndpointDown { endpoint, since, error, first: true, .. } => Some(format!(
-            "server down since {} ({}): {}; requests wait for it (no retries spent)",
+            "{} since {}: {}; requests wait for it, spending no retries",
+            if view.endpoints.len() > 1 { format!("{} down", url(endpoint)) } else { "server down".to_owned() },
             clock(*since),
-            url(endpoint),
             one_line(error),
         )),
-        Event::EndpointUp { endpoint, after } => Some(format!("server back after {} ({})", short_duration(*after), url(endpoint))),
+        Event::EndpointUp { endpoint, after } => Some(if view.endpoints.len() > 1 {
+            format!("{} back after {}", url(endpoint), short_duration(*after))
+        } else {
+            format!("server back after {}", short_duration(*after))
+        }),
         Event::Endpoint { endpoint, until: Some(until) } => Some(format!(
             "set aside for {}, it keeps failing: {}",
             short_duration(until.saturating_duration_since(Instant::now())),
