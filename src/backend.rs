@@ -15,6 +15,8 @@ pub struct Request<'a> {
     pub prompt: &'a str,
     /// Sampling options in Ollama's names; a client maps them to its wire names.
     pub options: &'a Map<String, Value>,
+    /// A JSON schema the reply must follow, sent in the server's dialect.
+    pub schema: Option<&'a Value>,
 }
 
 /// A reply: chunks ending in `Chunk::Done`, or an error item.

@@ -82,6 +82,20 @@ pub struct BackendConfig {
     pub think: Option<Value>,
     /// Name of the environment variable that holds an API key (never the key itself).
     pub api_key_env: Option<String>,
+    /// openai: how a schema is sent (`json_schema`, or `json_object` for llama-cpp-python).
+    pub response_format: Option<ResponseFormat>,
+}
+
+/// The OpenAI-compatible dialects of structured output (protocol.md, section 4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// `{"type": "json_schema", "json_schema": {"name", "schema", "strict": true}}`: vLLM,
+    /// llama.cpp's llama-server, LM Studio, OpenAI.
+    #[default]
+    JsonSchema,
+    /// `{"type": "json_object", "schema": ...}`: llama-cpp-python's server.
+    JsonObject,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -149,6 +163,10 @@ pub struct PromptsConfig {
     pub template: Option<PathBuf>,
     /// The user-prompt template inline.
     pub template_text: Option<String>,
+    /// File holding a JSON schema the replies must follow.
+    pub schema: Option<PathBuf>,
+    /// The JSON schema inline.
+    pub schema_text: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,6 +202,8 @@ pub struct RunSettings {
     pub outage_wait_secs: f64,
     /// A server's `Retry-After` longer than this is capped to it (and logged).
     pub max_retry_after_secs: f64,
+    /// With a schema: re-asks after a reply that does not validate, per row and sample.
+    pub max_invalid: u32,
 }
 
 impl Default for RunSettings {
@@ -199,6 +219,7 @@ impl Default for RunSettings {
             stop_grace_secs: 30.0,
             outage_wait_secs: 3600.0,
             max_retry_after_secs: 120.0,
+            max_invalid: 2,
         }
     }
 }
@@ -247,6 +268,8 @@ pub struct Config {
     pub api_key: Option<String>,
     pub shard: Option<Shard>,
     pub system: Option<String>,
+    /// The schema replies must follow, compiled.
+    pub schema: Option<std::sync::Arc<crate::schema::OutputSchema>>,
     pub template: String,
     /// Where the template came from, for error messages.
     pub template_origin: String,
@@ -502,6 +525,16 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
         }
     };
 
+    let schema = match (&p.schema, &p.schema_text) {
+        (Some(_), Some(_)) => return Err(invalid("prompts.schema", "give `schema` (a file) or `schema_text`, not both".into())),
+        (Some(f), None) => Some(crate::schema::OutputSchema::load(&rel(f)).map_err(|m| invalid("prompts.schema", m))?),
+        (None, Some(t)) => Some(crate::schema::OutputSchema::parse(t, "prompts.schema_text").map_err(|m| invalid("prompts.schema_text", m))?),
+        (None, None) => None,
+    };
+    if b.response_format.is_some() && b.kind != BackendKind::Openai {
+        return Err(invalid("backend.response_format", "is for kind = \"openai\" only (Ollama takes the schema as `format`)".into()));
+    }
+
     let input_path = rel(&raw.input.path);
     let input_format = match raw.input.format {
         Some(f) => f,
@@ -545,6 +578,7 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
         api_key,
         shard: None,
         system,
+        schema: schema.map(std::sync::Arc::new),
         template,
         template_origin,
         input_path,

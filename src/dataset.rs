@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::config::OutputFormat;
-use crate::record::{Failure, Record, CSV_COLUMNS};
+use crate::record::{csv_columns, Failure, Record};
 
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -252,6 +252,8 @@ impl RecordSink for JsonlFile {
 /// responses survive; each record written whole.
 pub struct CsvFile {
     file: AppendFile,
+    /// The run has a schema: `parsed` and `invalid` columns at the end.
+    schema: bool,
 }
 
 /// One CSV record (with its line terminator) as bytes.
@@ -266,20 +268,20 @@ where
 }
 
 impl CsvFile {
-    pub fn open(path: &Path) -> Result<CsvFile, DatasetError> {
+    pub fn open(path: &Path, schema: bool) -> Result<CsvFile, DatasetError> {
         let mut file = AppendFile::open(path)?;
         if file.is_empty() {
-            csv_bytes(CSV_COLUMNS)
+            csv_bytes(csv_columns(schema))
                 .and_then(|b| file.append(&b))
                 .map_err(|source| DatasetError::Write { path: path.to_owned(), source })?;
         }
-        Ok(CsvFile { file })
+        Ok(CsvFile { file, schema })
     }
 }
 
 impl RecordSink for CsvFile {
     fn write(&mut self, record: &Record) -> io::Result<()> {
-        let bytes = csv_bytes(record.csv_row())?;
+        let bytes = csv_bytes(record.csv_fields(self.schema))?;
         self.file.append(&bytes)
     }
     fn sync(&mut self) -> io::Result<()> {
@@ -301,13 +303,13 @@ pub struct Dataset {
 impl Dataset {
     /// Opens (creating or appending to) every configured format and the failures file, so that a
     /// bad path fails before the first request.
-    pub fn open(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Dataset, DatasetError> {
+    pub fn open(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Result<Dataset, DatasetError> {
         paths.create_dir()?;
         let mut sinks: Vec<Box<dyn RecordSink>> = Vec::new();
         for f in formats {
             sinks.push(match f {
                 OutputFormat::Jsonl => Box::new(JsonlFile::open(&paths.jsonl)?),
-                OutputFormat::Csv => Box::new(CsvFile::open(&paths.csv)?),
+                OutputFormat::Csv => Box::new(CsvFile::open(&paths.csv, schema)?),
             });
         }
         let failures = JsonlFile::open(&paths.failures)?;

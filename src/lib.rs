@@ -15,5 +15,6 @@ pub mod merge;
 pub mod progress;
 pub mod record;
 pub mod resume;
+pub mod schema;
 pub mod sse;
 pub mod template;

@@ -57,10 +57,13 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<MergeStats, MergeError> {
     // First pass: identities seen more than once, with where their newest record is.
     let mut seen: HashSet<u64> = HashSet::new();
     let mut newest: HashMap<u64, (usize, u64)> = HashMap::new();
+    // Records of a run with a schema carry `parsed`: the merged CSV then has its columns too.
+    let mut schema = false;
     for (i, src) in sources.iter().enumerate() {
         for_each_record(
             src,
             |r, line| {
+                schema |= r.parsed.is_some();
                 let id = identity(&r);
                 if !seen.insert(id) {
                     newest.insert(id, (i, line));
@@ -73,7 +76,7 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<MergeStats, MergeError> {
     drop(seen);
 
     let paths = OutputPaths::new(out);
-    let mut dataset = Dataset::open(&paths, &[OutputFormat::Jsonl, OutputFormat::Csv])?;
+    let mut dataset = Dataset::open(&paths, &[OutputFormat::Jsonl, OutputFormat::Csv], schema)?;
     let mut stats = MergeStats::default();
     let mut keys: HashSet<u128> = HashSet::new();
     let mut write_error = None;

@@ -33,6 +33,8 @@ pub enum Event {
     Retry { job: JobId, attempt: u32, of: u32, error: String, delay: Duration },
     /// The request waits because its server is down (it spends no retry meanwhile).
     ServerWait { job: JobId },
+    /// A reply did not validate against the schema; re-ask `n` of at most `of` follows.
+    ReAsk { job: JobId, n: u32, of: u32, error: String },
     /// The record is complete.
     Done { job: JobId, completion_tokens: u64 },
     /// The request failed for good.
@@ -67,6 +69,8 @@ pub enum Phase {
     RetryWait { until: Instant, attempt: u32, of: u32, error: String },
     /// Its server is down; it waits for one to come back.
     ServerDown,
+    /// The last reply did not validate; it is asked again.
+    ReAsk { n: u32, of: u32, error: String },
 }
 
 #[derive(Debug, Clone)]
@@ -237,6 +241,12 @@ impl ProgressView {
                 }
                 let until = Instant::now() + *delay;
                 self.set_phase(*job, Phase::RetryWait { until, attempt: *attempt, of: *of, error: error.clone() });
+            }
+            Event::ReAsk { job, n, of, error } => {
+                if let Some(f) = self.in_flight.get_mut(job) {
+                    f.tail.clear();
+                }
+                self.set_phase(*job, Phase::ReAsk { n: *n, of: *of, error: error.clone() });
             }
             Event::ServerWait { job } => {
                 if let Some(f) = self.in_flight.get_mut(job) {
@@ -546,6 +556,7 @@ fn request_line(f: &InFlight, width: usize, slot_wait: &str) -> String {
             one_line(error)
         ),
         Phase::ServerDown => "server down, waiting".to_owned(),
+        Phase::ReAsk { n, of, error } => format!("re-ask {n}/{of}: {}", one_line(error)),
     };
     let head = format!("  {}  {state}", f.label);
     let head = fit(&head, width);

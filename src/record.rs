@@ -44,6 +44,12 @@ pub struct Record {
     pub tokens_estimated: bool,
     /// The original input row.
     pub input: Map<String, Value>,
+    /// With a schema: the reply's JSON, validated (absent from runs without one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parsed: Option<Value>,
+    /// With a schema: how many invalid replies came before this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<u32>,
 }
 
 /// The CSV columns: the record's scalar fields in the same order (`input` is JSONL only).
@@ -53,7 +59,29 @@ pub const CSV_COLUMNS: &[&str] = &[
     "tokens_estimated",
 ];
 
+/// Extra CSV columns, at the end, of a run with a schema.
+pub const SCHEMA_CSV_COLUMNS: &[&str] = &["parsed", "invalid"];
+
+/// The CSV header of a run, with or without a schema.
+pub fn csv_columns(schema: bool) -> Vec<&'static str> {
+    let mut c = CSV_COLUMNS.to_vec();
+    if schema {
+        c.extend_from_slice(SCHEMA_CSV_COLUMNS);
+    }
+    c
+}
+
 impl Record {
+    /// The CSV row of a run with or without a schema ([`csv_columns`]): `parsed` as compact JSON.
+    pub fn csv_fields(&self, schema: bool) -> Vec<String> {
+        let mut row = self.csv_row().to_vec();
+        if schema {
+            row.push(self.parsed.as_ref().map(Value::to_string).unwrap_or_default());
+            row.push(self.invalid.map(|n| n.to_string()).unwrap_or_default());
+        }
+        row
+    }
+
     /// The CSV row, in [`CSV_COLUMNS`] order; absent values are empty cells.
     pub fn csv_row(&self) -> [String; 18] {
         fn opt<T: ToString>(v: &Option<T>) -> String {
@@ -98,6 +126,12 @@ pub struct Failure {
     pub endpoint: Option<String>,
     /// RFC 3339, UTC.
     pub when: String,
+    /// With a schema: why the last reply did not validate (`/score: 100 is greater than ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_errors: Option<Vec<String>>,
+    /// With a schema: the last reply as the model sent it, to see what it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
 }
 
 /// RFC 3339 timestamp with milliseconds, UTC.
@@ -135,6 +169,14 @@ pub fn derive_seed(seed: i64, samples_per_prompt: u32, id: &str, sample: u32) ->
         return seed;
     }
     let h = fnv1a64(&[&seed.to_le_bytes(), id.as_bytes(), &sample.to_le_bytes()]);
+    (splitmix64(h) & 0x7fff_ffff) as i64
+}
+
+/// The seed of re-ask `n` (1-based) of a (row, sample) after an invalid structured reply: new,
+/// so that a deterministic server does not return the same broken text, yet stable, so that a
+/// re-run asks the same.
+pub fn reask_seed(seed: i64, id: &str, sample: u32, n: u32) -> i64 {
+    let h = fnv1a64(&[b"re-ask", &seed.to_le_bytes(), id.as_bytes(), &sample.to_le_bytes(), &n.to_le_bytes()]);
     (splitmix64(h) & 0x7fff_ffff) as i64
 }
 

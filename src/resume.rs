@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::OutputFormat;
 use crate::dataset::{CsvFile, OutputPaths, RecordSink};
-use crate::record::{Failure, Record, CSV_COLUMNS};
+use crate::record::{csv_columns, Failure, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
@@ -252,7 +252,8 @@ fn refuse_csv_without_jsonl(paths: &OutputPaths, formats: &[OutputFormat]) -> Re
 
 /// Repairs the folder's files and reads what they hold. `since` (an RFC 3339 time) asks for the
 /// count of records and failures finished from then on (see [`Prior::records_since`]).
-pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>) -> Result<Prior, ResumeError> {
+/// With `schema`, the CSV has the `parsed` and `invalid` columns of a run with a schema.
+pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, schema: bool) -> Result<Prior, ResumeError> {
     refuse_csv_without_jsonl(paths, formats)?;
     let mut repairs = Vec::new();
     for p in [&paths.jsonl, &paths.failures] {
@@ -266,7 +267,7 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>) 
     let mut order = Vec::new();
     let mut prior = read_back(paths, only_csv, Some(&mut order), since)?;
     if !only_csv && formats.contains(&OutputFormat::Csv) {
-        repairs.extend(reconcile_csv(&paths.csv, &paths.jsonl, &order)?);
+        repairs.extend(reconcile_csv(&paths.csv, &paths.jsonl, &order, schema)?);
     }
     prior.repairs = repairs;
     Ok(prior)
@@ -285,16 +286,17 @@ fn csv_keys(path: &Path) -> Result<Vec<(Option<u128>, u64, Option<String>)>, Res
         Ok(h) => h.iter().map(str::to_owned).collect(),
         Err(_) => return Ok(Vec::new()),
     };
-    if header != CSV_COLUMNS {
+    // Ours, with or without a schema's columns.
+    if header != csv_columns(false) && header != csv_columns(true) {
         return Ok(Vec::new());
     }
-    let key_col = CSV_COLUMNS.iter().position(|c| *c == "key").unwrap_or(0);
-    let reason_col = CSV_COLUMNS.iter().position(|c| *c == "done_reason").unwrap_or(0);
+    let key_col = header.iter().position(|c| *c == "key").unwrap_or(0);
+    let reason_col = header.iter().position(|c| *c == "done_reason").unwrap_or(0);
     let mut out = Vec::new();
     let mut rec = csv::StringRecord::new();
     loop {
         match r.read_record(&mut rec) {
-            Ok(true) if rec.len() == CSV_COLUMNS.len() => {
+            Ok(true) if rec.len() == header.len() => {
                 let reason = rec.get(reason_col).filter(|s| !s.is_empty()).map(str::to_owned);
                 out.push((rec.get(key_col).and_then(parse_key), r.position().byte(), reason));
             }
@@ -303,12 +305,17 @@ fn csv_keys(path: &Path) -> Result<Vec<(Option<u128>, u64, Option<String>)>, Res
     }
 }
 
-/// The CSV's header row ends where its first record starts.
-fn csv_header_end(path: &Path) -> Option<u64> {
+/// The CSV's header row ends where its first record starts: for a header of ours, and with
+/// `schema`, for the header of a run with (or without) a schema only.
+fn csv_header_end(path: &Path, schema: Option<bool>) -> Option<u64> {
     let f = File::open(path).ok()?;
     let mut r = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(f));
     let h = r.headers().ok()?;
-    let ours = h.iter().eq(CSV_COLUMNS.iter().copied());
+    let is = |schema: bool| h.iter().eq(csv_columns(schema).into_iter());
+    let ours = match schema {
+        Some(s) => is(s),
+        None => is(false) || is(true),
+    };
     ours.then(|| r.position().byte())
 }
 
@@ -316,7 +323,7 @@ fn csv_header_end(path: &Path) -> Option<u64> {
 fn cut_torn_csv(path: &Path) -> Result<Option<String>, ResumeError> {
     let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else { return Ok(None) };
     let keys = csv_keys(path)?;
-    let mut end = keys.last().map(|k| k.1).or_else(|| csv_header_end(path)).unwrap_or(0);
+    let mut end = keys.last().map(|k| k.1).or_else(|| csv_header_end(path, None)).unwrap_or(0);
     if end > len {
         end = len;
     }
@@ -340,13 +347,13 @@ fn truncate_keeping(path: &Path, keep: u64, len: u64) -> Result<Option<String>, 
 
 /// Makes the CSV hold exactly the JSONL's records, in order: keeps the longest prefix that
 /// matches (a record counts only when terminated), cuts the rest aside, re-appends what is missing.
-fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128]) -> Result<Option<String>, ResumeError> {
+fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) -> Result<Option<String>, ResumeError> {
     let len = match std::fs::metadata(csv_path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(io_err(csv_path)(e)),
     };
-    let header_end = if len == 0 { None } else { csv_header_end(csv_path) };
+    let header_end = if len == 0 { None } else { csv_header_end(csv_path, Some(schema)) };
     let (matched, keep) = match header_end {
         None if len == 0 => (0, 0),
         None => {
@@ -355,8 +362,12 @@ fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128]) -> Result<Option
             File::open(csv_path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(csv_path))?;
             let saved = save_aside(csv_path, "replaced", &bytes)?;
             std::fs::remove_file(csv_path).map_err(io_err(csv_path))?;
-            let note = format!("{}: unexpected header; moved to {} and rebuilt from the JSONL", csv_path.display(), saved.display());
-            append_from_jsonl(csv_path, jsonl, 0)?;
+            let note = format!(
+                "{}: not the columns this run writes (another tool's file, or a schema added or removed); moved to {} and rebuilt from the JSONL",
+                csv_path.display(),
+                saved.display()
+            );
+            append_from_jsonl(csv_path, jsonl, 0, schema)?;
             return Ok(Some(note));
         }
         Some(h) => {
@@ -380,7 +391,7 @@ fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128]) -> Result<Option
         return Ok(None);
     }
     let cut = if keep < len { truncate_keeping(csv_path, keep, len)? } else { None };
-    let appended = append_from_jsonl(csv_path, jsonl, matched)?;
+    let appended = append_from_jsonl(csv_path, jsonl, matched, schema)?;
     let mut note = cut.unwrap_or_else(|| format!("{}: behind the JSONL", csv_path.display()));
     note.push_str(&format!("; re-appended {appended} records from {}", jsonl.display()));
     Ok(Some(note))
@@ -398,8 +409,8 @@ fn ends_with_newline(path: &Path, len: u64) -> Result<bool, ResumeError> {
 }
 
 /// Appends the JSONL's records from index `skip` on to the CSV (creating it with its header).
-fn append_from_jsonl(csv_path: &Path, jsonl: &Path, skip: usize) -> Result<u64, ResumeError> {
-    let mut sink = CsvFile::open(csv_path).map_err(|e| ResumeError::Io { path: csv_path.to_owned(), source: io::Error::other(e) })?;
+fn append_from_jsonl(csv_path: &Path, jsonl: &Path, skip: usize, schema: bool) -> Result<u64, ResumeError> {
+    let mut sink = CsvFile::open(csv_path, schema).map_err(|e| ResumeError::Io { path: csv_path.to_owned(), source: io::Error::other(e) })?;
     let mut n = 0u64;
     let mut idx = 0usize;
     let mut failed: Option<io::Error> = None;

@@ -13,3 +13,4 @@ mod pipeline;
 mod real_model;
 mod resume;
 mod scale;
+mod structured;

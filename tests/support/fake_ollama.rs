@@ -54,6 +54,8 @@ pub struct Options {
     pub stall: Duration,
     /// Seed of the piece sizes.
     pub seed: u64,
+    /// Like llama-cpp-python's server: `response_format` of type `json_schema` is refused (500).
+    pub json_object_only: bool,
 }
 
 impl Default for Options {
@@ -64,6 +66,7 @@ impl Default for Options {
             slow_delay: Duration::from_millis(50),
             stall: Duration::from_secs(30),
             seed: 1,
+            json_object_only: false,
         }
     }
 }
@@ -271,6 +274,53 @@ fn user_prompt(path: &str, body: &Value) -> Option<String> {
     msgs.iter().rev().find(|m| m["role"] == "user")?.get("content")?.as_str().map(str::to_owned)
 }
 
+/// What the fake answers: its fixed text, or, when the request carries a JSON schema (Ollama's
+/// `format`, OpenAI's `response_format`), JSON made to fit it, broken when a directive says so:
+/// `badjson` (cut in half), `outofrange` (numbers 90 above their maximum), `fenced` (in a
+/// Markdown code fence, as unconstrained models write it).
+pub fn answer(prompt: &str, schema: Option<&Value>, attempt: u32) -> String {
+    let Some(schema) = schema.filter(|s| s.is_object()) else { return expected_response(prompt) };
+    let text = fitting(schema, directive(prompt, "outofrange", attempt)).to_string();
+    if directive(prompt, "badjson", attempt) {
+        text[..text.len() / 2].to_owned()
+    } else if directive(prompt, "fenced", attempt) {
+        format!("```json\n{text}\n```\n")
+    } else {
+        text
+    }
+}
+
+/// A value that fits a (simple) schema: every property, two items per array, the middle of a
+/// number's range, the first of an enum.
+pub fn fitting(schema: &Value, out_of_range: bool) -> Value {
+    if let Some(first) = schema.get("enum").and_then(Value::as_array).and_then(|e| e.first()) {
+        return first.clone();
+    }
+    let num = |key: &str| schema.get(key).and_then(Value::as_f64);
+    match schema.get("type").and_then(Value::as_str) {
+        Some("object") => {
+            let mut o = serde_json::Map::new();
+            for (k, v) in schema.get("properties").and_then(Value::as_object).into_iter().flatten() {
+                o.insert(k.clone(), fitting(v, out_of_range));
+            }
+            Value::Object(o)
+        }
+        Some("array") => {
+            let item = schema.get("items").map(|i| fitting(i, out_of_range)).unwrap_or(Value::Null);
+            Value::Array(vec![item.clone(), item])
+        }
+        Some(t @ ("integer" | "number")) => {
+            let lo = num("minimum").unwrap_or(0.0);
+            let hi = num("maximum").unwrap_or(lo + 10.0);
+            let v = if out_of_range { hi + 90.0 } else { ((lo + hi) / 2.0).floor() };
+            if t == "integer" { json!(v as i64) } else { json!(v) }
+        }
+        Some("boolean") => json!(true),
+        Some("string") => json!("a made-up reason, «quoted» and 日本語"),
+        _ => Value::Null,
+    }
+}
+
 /// Splits text into 1-3 character tokens (whole characters: JSON carries text, not bytes).
 fn tokens(text: &str, rng: &mut Rng) -> Vec<String> {
     let chars: Vec<char> = text.chars().collect();
@@ -338,7 +388,8 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
                     return respond_json(&mut sock, status, extra, &json!({ "error": msg })).await;
                 }
             }
-            stream_reply(&mut sock, &path, &model, &p, attempt, &opts, seed).await
+            let text = answer(&p, body.get("format"), attempt);
+            stream_reply(&mut sock, &path, &model, &p, &text, attempt, &opts, seed).await
         }
         ("GET", "/v1/models") => {
             let data: Vec<Value> = opts.models.iter().map(|m| json!({"id": m, "object": "model", "owned_by": "fake"})).collect();
@@ -361,14 +412,29 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
                     return respond_json(&mut sock, status, extra, &body).await;
                 }
             }
-            stream_sse(&mut sock, &model, &p, attempt, &opts, seed).await
+            let rf = body.get("response_format");
+            if opts.json_object_only && rf.is_some_and(|f| f["type"] == "json_schema") {
+                let msg = "1 validation error: response_format.type: Input should be 'text' or 'json_object'";
+                return respond_json(&mut sock, 500, "", &json!({"error": {"message": msg, "type": "internal_server_error"}})).await;
+            }
+            if body.get("stream") == Some(&json!(false)) {
+                // A short request, not streamed: the start-up check of a dialect.
+                let content = answer(&p, rf.and_then(|f| f.pointer("/json_schema/schema").or_else(|| f.get("schema"))), 1);
+                let reply = json!({"id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"}]});
+                return respond_json(&mut sock, 200, "", &reply).await;
+            }
+            let schema = rf.and_then(|f| f.pointer("/json_schema/schema").or_else(|| f.get("schema")));
+            let text = answer(&p, schema, attempt);
+            stream_sse(&mut sock, &model, &p, &text, attempt, &opts, seed).await
         }
         _ => respond_json(&mut sock, 404, "", &json!({"error": "404 page not found"})).await,
     }
 }
 
 /// An OpenAI-style streamed reply, in SSE with the variations servers use.
-async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, attempt: u32, opts: &Options, seed: u64) -> std::io::Result<()> {
+#[allow(clippy::too_many_arguments)]
+async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, text: &str, attempt: u32, opts: &Options, seed: u64) -> std::io::Result<()> {
     let mut rng = Rng(seed | 1);
     let crlf = rng.below(2) == 0;
     let nl = if crlf { "\r\n" } else { "\n" };
@@ -397,7 +463,7 @@ async fn stream_sse(sock: &mut TcpStream, model: &str, prompt: &str, attempt: u3
             events.push(data(&chunk(json!({"reasoning_content": t}), Value::Null), &mut rng));
         }
     }
-    let toks = tokens(&expected_response(prompt), &mut rng);
+    let toks = tokens(text, &mut rng);
     let n = toks.len();
     for t in toks {
         events.push(data(&chunk(json!({"content": t}), Value::Null), &mut rng));
@@ -494,18 +560,19 @@ impl Stream {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stream_reply(
     sock: &mut TcpStream,
     path: &str,
     model: &str,
     prompt: &str,
+    text: &str,
     attempt: u32,
     opts: &Options,
     seed: u64,
 ) -> std::io::Result<()> {
     let mut rng = Rng(seed | 1);
     let generate = path == "/api/generate";
-    let text = expected_response(prompt);
     let line = |content: &str, thinking: Option<&str>| -> Value {
         if generate {
             let mut v = json!({"model": model, "created_at": "2025-10-26T17:15:24.09Z", "response": content, "done": false});
@@ -527,7 +594,7 @@ async fn stream_reply(
             lines.push(line("", Some(&t)));
         }
     }
-    let toks = tokens(&text, &mut rng);
+    let toks = tokens(text, &mut rng);
     let n_tokens = toks.len();
     for t in toks {
         lines.push(line(&t, None));

@@ -146,7 +146,7 @@ impl OllamaClient {
         Ok(ServerInfo { version, capabilities, fake })
     }
 
-    fn body(&self, system: Option<&str>, prompt: &str, options: &Map<String, Value>) -> Value {
+    fn body(&self, system: Option<&str>, prompt: &str, options: &Map<String, Value>, schema: Option<&Value>) -> Value {
         let mut body = match self.api {
             OllamaApi::Chat => {
                 let mut messages = Vec::new();
@@ -173,6 +173,9 @@ impl OllamaClient {
         if let Some(t) = &self.think {
             body["think"] = t.clone();
         }
+        if let Some(s) = schema {
+            body["format"] = s.clone();
+        }
         body
     }
 
@@ -183,7 +186,7 @@ impl OllamaClient {
             OllamaApi::Generate => "/api/generate",
         };
         let url = format!("{}{}", self.base, path);
-        let http = self.post(&url).json(&self.body(req.system, req.prompt, req.options));
+        let http = self.post(&url).json(&self.body(req.system, req.prompt, req.options, req.schema));
         let resp = match backend::open_stream(http, &url, self.idle).await {
             Err(ClientError::Status { status: 404, message, .. }) if message.contains("not found") => {
                 return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() })

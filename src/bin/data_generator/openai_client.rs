@@ -13,7 +13,7 @@ use data_generator::backend::{
     self, error_chain, error_message, body_bytes, frame_error, idle_chunks, Chunk, ChunkStream, ClientError, ModelClient, Request,
     ServerInfo, Stats,
 };
-use data_generator::config::{self, Config, Endpoint};
+use data_generator::config::{self, Config, Endpoint, ResponseFormat};
 use data_generator::sse::{SseEvent, SseParser};
 use futures::future::BoxFuture;
 use futures::stream::{self, Stream, StreamExt};
@@ -30,6 +30,11 @@ pub struct OpenAiClient {
     idle: Duration,
     /// Where the URL came from (`--url`, `backend.url`, ...), for messages.
     url_source: String,
+    response_format: ResponseFormat,
+    /// The `json_schema.name` servers want: the run's name, in the characters they accept.
+    schema_name: String,
+    /// The run's schema: the startup check tries the dialect once with it.
+    schema: Option<Value>,
 }
 
 impl OpenAiClient {
@@ -47,6 +52,9 @@ impl OpenAiClient {
             api_key: cfg.api_key.clone(),
             idle: Duration::from_secs_f64(cfg.run().idle_timeout_secs),
             url_source: ep.source.clone(),
+            response_format: cfg.backend().response_format.unwrap_or_default(),
+            schema_name: schema_name(cfg.name()),
+            schema: cfg.schema.as_ref().map(|s| s.value.clone()),
         })
     }
 
@@ -105,7 +113,48 @@ impl OpenAiClient {
                 if ids.is_empty() { "nothing it lists".to_owned() } else { ids.join(", ") }
             )));
         }
+        if let Some(schema) = &self.schema {
+            self.check_dialect(schema).await?;
+        }
         Ok(ServerInfo { version: None, capabilities: Vec::new(), fake })
+    }
+
+    /// One short structured request: a server that does not take the `response_format` dialect
+    /// stops the run here, with the setting to try, instead of failing every row.
+    async fn check_dialect(&self, schema: &Value) -> Result<(), ClientError> {
+        let url = format!("{}/chat/completions", self.base);
+        let mut body = json!({
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Reply with JSON."}],
+            "max_tokens": 4,
+            "stream": false,
+        });
+        body["response_format"] = self.response_format_value(schema);
+        let resp = tokio::time::timeout(self.idle, self.authed(self.http.post(&url)).json(&body).send())
+            .await
+            .map_err(|_| ClientError::Check(format!("{url} did not answer a short structured request within {:?}", self.idle)))?
+            .map_err(|e| ClientError::Check(format!("cannot reach {url}: {}", error_chain(&e))))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let message = error_message(&resp.bytes().await.unwrap_or_default());
+        let (now, other) = match self.response_format {
+            ResponseFormat::JsonSchema => ("json_schema", "json_object"),
+            ResponseFormat::JsonObject => ("json_object", "json_schema"),
+        };
+        Err(ClientError::Check(format!(
+            "{url} refused a structured request (response_format {now:?}): HTTP {status}: {message}\nThe server may speak the \
+             other dialect: set [backend] response_format = \"{other}\" (llama-cpp-python's server takes \"json_object\"; vLLM, \
+             llama-server, LM Studio and OpenAI take \"json_schema\")"
+        )))
+    }
+
+    fn response_format_value(&self, schema: &Value) -> Value {
+        match self.response_format {
+            ResponseFormat::JsonSchema => json!({"type": "json_schema", "json_schema": {"name": self.schema_name, "schema": schema, "strict": true}}),
+            ResponseFormat::JsonObject => json!({"type": "json_object", "schema": schema}),
+        }
     }
 
     fn body(&self, req: &Request<'_>) -> Value {
@@ -123,6 +172,9 @@ impl OpenAiClient {
         if let Some(obj) = body.as_object_mut() {
             obj.extend(map_options(req.options));
         }
+        if let Some(schema) = req.schema {
+            body["response_format"] = self.response_format_value(schema);
+        }
         body
     }
 
@@ -132,6 +184,12 @@ impl OpenAiClient {
         let resp = backend::open_stream(http, &url, self.idle).await?;
         Ok(idle_chunks(decode_sse(body_bytes(resp)).boxed(), self.idle))
     }
+}
+
+/// `json_schema.name` takes letters, digits, `_` and `-` (64 at most).
+fn schema_name(run: &str) -> String {
+    let n: String = run.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).take(64).collect();
+    if n.is_empty() { "output".into() } else { n }
 }
 
 /// Sampling options from Ollama's names to OpenAI's: `num_predict` is `max_tokens`; the common

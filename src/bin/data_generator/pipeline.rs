@@ -101,10 +101,12 @@ async fn get_student_response(
     client: &dyn ModelClient,
     system: Option<&str>,
     job: &Job,
+    options: &Map<String, Value>,
+    schema: Option<&Value>,
     progress: &Progress,
 ) -> Result<StudentResponse, ClientError> {
     let started = Instant::now();
-    let mut reply = client.stream(Request { system, prompt: &job.prompt, options: &job.options }).await?;
+    let mut reply = client.stream(Request { system, prompt: &job.prompt, options, schema }).await?;
     progress.send(Event::Responding { job: job.seq });
     let mut response = String::new();
     let mut thinking = String::new();
@@ -315,6 +317,11 @@ impl Ctx {
         let max_retries = self.cfg.run().max_retries;
         // Attempts sent, and the failed ones that spent a retry (server-down waits do not).
         let (mut attempts, mut spent) = (0u32, 0u32);
+        // Replies that did not validate against the schema: re-asks, counted apart from retries.
+        let (schema, max_invalid) = (self.cfg.schema.clone(), self.cfg.run().max_invalid);
+        let mut invalid = 0u32;
+        let mut options = job.options.clone();
+        let mut seed = job.seed;
         let mut last_failed: Option<usize> = None;
         loop {
             let acquired = tokio::select! {
@@ -331,11 +338,45 @@ impl Ctx {
             let client = self.clients[endpoint].as_ref();
             attempts += 1;
             self.progress.send(Event::Attempt { job: job.seq, endpoint });
-            let result = get_student_response(client, self.cfg.system.as_deref(), &job, &self.progress).await;
+            let schema_value = schema.as_ref().map(|s| &s.value);
+            let result = get_student_response(client, self.cfg.system.as_deref(), &job, &options, schema_value, &self.progress).await;
             drop(slot);
             let e = match result {
                 Ok(r) => {
                     self.pool.report(endpoint, Outcome::Answered);
+                    let parsed = match schema.as_ref().map(|s| s.check(&r.response)) {
+                        None => None,
+                        Some(Ok(v)) => Some(v),
+                        Some(Err(why)) if invalid < max_invalid => {
+                            invalid += 1;
+                            if let Some(base) = job.seed {
+                                let s = record::reask_seed(base, &job.row_id, job.sample, invalid);
+                                options.insert("seed".into(), json!(s));
+                                seed = Some(s);
+                            }
+                            tracing::warn!(id = %job.row_id, sample = job.sample, reask = invalid, of = max_invalid, errors = %why, "invalid reply; asking again");
+                            self.progress.send(Event::ReAsk { job: job.seq, n: invalid, of: max_invalid, error: why.to_string() });
+                            continue;
+                        }
+                        Some(Err(why)) => {
+                            let error = format!("the reply did not validate against the schema, {} times: {why}", invalid + 1);
+                            tracing::error!(id = %job.row_id, sample = job.sample, attempts, error = %error, "failed");
+                            self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
+                            return JobResult::Failure(Box::new(Failure {
+                                id: job.row_id,
+                                sample: job.sample,
+                                model: self.cfg.backend().model.clone(),
+                                error,
+                                attempts,
+                                retryable: true,
+                                key: job.key,
+                                endpoint: Some(client.url().to_owned()),
+                                when: record::now_rfc3339(),
+                                validation_errors: Some(why.errors),
+                                last_reply: Some(r.response),
+                            }));
+                        }
+                    };
                     let completion = r.stats.completion_tokens.unwrap_or(0);
                     tracing::info!(id = %job.row_id, sample = job.sample, attempts, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
                     self.progress.send(Event::Done { job: job.seq, completion_tokens: completion });
@@ -353,12 +394,14 @@ impl Ctx {
                         duration_ms: r.elapsed.as_millis() as u64,
                         attempts,
                         finished_at: record::now_rfc3339(),
-                        seed: job.seed,
+                        seed,
                         eval_duration_ms: r.stats.eval_duration_ns.map(|ns| ns as f64 / 1e6),
                         key: job.key,
                         endpoint: Some(client.url().to_owned()),
                         tokens_estimated: r.stats.completion_tokens_estimated,
                         input: job.input,
+                        invalid: parsed.is_some().then_some(invalid),
+                        parsed,
                     }));
                 }
                 Err(e) => e,
@@ -401,6 +444,8 @@ impl Ctx {
                 key: job.key,
                 endpoint: Some(client.url().to_owned()),
                 when: record::now_rfc3339(),
+                validation_errors: None,
+                last_reply: None,
             }));
         }
     }
@@ -492,7 +537,11 @@ impl Planner {
             options.insert("seed".into(), json!(derived));
             derived
         });
-        let key_options = json!({ "options": options, "think": cfg.backend().think });
+        let mut key_options = json!({ "options": options, "think": cfg.backend().think });
+        // A schema shapes the reply: part of the key. Without one the key is as it always was.
+        if let Some(schema) = &cfg.schema {
+            key_options["schema"] = schema.value.clone();
+        }
         let key = record::request_key(&row.id, sample, &cfg.backend().model, &self.api, cfg.system.as_deref(), prompt, &key_options);
         Job {
             seq,
@@ -717,7 +766,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // not exist yet is locked when it is created, after the checks.
     let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
     let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
-    let prior = if opts.fresh { Prior::default() } else { resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref())? };
+    let prior = if opts.fresh {
+        Prior::default()
+    } else {
+        resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some())?
+    };
     if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
         // Killed (or the machine went down): its own counts never made it to the manifest.
         last.status = "killed".into();
@@ -774,7 +827,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         paths.create_dir()?;
         lock = Some(OutputLock::acquire(&paths.dir)?);
     }
-    let dataset = Dataset::open(&paths, &cfg.raw.output.formats)?;
+    let dataset = Dataset::open(&paths, &cfg.raw.output.formats, cfg.schema.is_some())?;
     start_log(&paths.log)?;
     tracing::info!(config = %cfg.path.display(), urls = %cfg.urls(), model = %cfg.backend().model, rows = plan.rows,
         requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
