@@ -4,6 +4,7 @@
 # run against it through the openai backend.
 #
 #   scripts/real-model.sh                 set up (first time: ~8-25 min), serve, run configs/llamacpp.toml
+#                                         (or the config REAL_MODEL_CONFIG names, e.g. configs/llamacpp-judge.toml)
 #   scripts/real-model.sh run [ARGS...]   the same, with extra data_generator arguments
 #   scripts/real-model.sh setup           only install into the cache
 #   scripts/real-model.sh serve [PORT]    only serve, in the foreground (Ctrl-C stops it)
@@ -184,7 +185,9 @@ case "$cmd" in
         start_server "$port" "$logfile"
         log "server ready on http://127.0.0.1:$port/v1 (log: $logfile)"
         set +e
-        "$bin" --config "$here/configs/llamacpp.toml" --url "http://127.0.0.1:$port/v1" "$@"
+        config=${REAL_MODEL_CONFIG:-configs/llamacpp.toml}
+        case "$config" in /*) ;; *) config="$here/$config" ;; esac
+        "$bin" --config "$config" --url "http://127.0.0.1:$port/v1" "$@"
         code=$?
         set -e
         exit $code

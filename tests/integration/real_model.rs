@@ -14,15 +14,7 @@ use crate::util::{read_csv, read_jsonl, Dir, BIN};
 const NUM_PREDICT: u64 = 48;
 
 fn run_script(out: &std::path::Path) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/real-model.sh");
-    let output = Command::new("bash")
-        .args([script, "run", "--output"])
-        .arg(out)
-        .args(["--progress", "plain"])
-        .env("DATA_GENERATOR_BIN", BIN)
-        .env_remove("OLLAMA_HOST")
-        .output()
-        .expect("run scripts/real-model.sh");
+    let output = script_output(out, "configs/llamacpp.toml");
     assert!(
         output.status.success(),
         "scripts/real-model.sh failed ({:?})\n--- stdout\n{}\n--- stderr\n{}",
@@ -30,6 +22,53 @@ fn run_script(out: &std::path::Path) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Runs `scripts/real-model.sh run` with a config, into `out`.
+fn script_output(out: &std::path::Path, config: &str) -> std::process::Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/real-model.sh");
+    Command::new("bash")
+        .args([script, "run", "--output"])
+        .arg(out)
+        .args(["--progress", "plain"])
+        .env("DATA_GENERATOR_BIN", BIN)
+        .env("REAL_MODEL_CONFIG", config)
+        .env_remove("OLLAMA_HOST")
+        .output()
+        .expect("run scripts/real-model.sh")
+}
+
+/// A schema batch on llama-cpp-python (`response_format = "json_object"`): its grammar keeps the
+/// shape, not the range, so out-of-range scores are re-asked; whatever is in the dataset validates.
+#[test]
+#[ignore = "real model: run with scripts/real-model.sh test"]
+fn real_model_follows_a_schema_and_every_record_validates() {
+    let dir = Dir::new();
+    let out = dir.join("judge");
+    let output = script_output(&out, "configs/llamacpp-judge.toml");
+    let code = output.status.code();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // 3: some row stayed invalid after its re-asks (a 270M model may); it is in failures.jsonl.
+    assert!(matches!(code, Some(0) | Some(3)), "exit {code:?}\n{stderr}");
+    let recs = read_jsonl(&out.join("dataset.jsonl"));
+    let fails = if out.join("failures.jsonl").exists() { read_jsonl(&out.join("failures.jsonl")) } else { Vec::new() };
+    // Gemma 3 270M is a tiny base model: even under the grammar it often writes raw newlines in
+    // strings or scores of 100, and then the row ends in failures.jsonl after its re-asks. What
+    // must hold is the tool's side: every row accounted for, no invalid record, failures that
+    // say why and keep the reply.
+    assert_eq!(recs.len() + fails.len(), 4, "every row is a record or a failure\n{stderr}");
+    for r in &recs {
+        let p = &r["parsed"];
+        let score = p["score"].as_i64().unwrap_or(0);
+        assert!((1..=10).contains(&score), "score in range: {r}");
+        assert!(p["reason"].as_str().is_some_and(|t| !t.is_empty() && t.chars().count() <= 200), "{r}");
+        assert_eq!(p.as_object().map(|o| o.len()), Some(2), "no other fields: {r}");
+        assert!(r["invalid"].as_u64().is_some_and(|n| n <= 3), "{r}");
+    }
+    for f in &fails {
+        assert!(f["validation_errors"].as_array().is_some_and(|e| !e.is_empty()), "{f}");
+        assert!(f["last_reply"].is_string(), "{f}");
+    }
 }
 
 #[test]
