@@ -408,7 +408,7 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
                 let host = env("OLLAMA_HOST").unwrap_or_default();
                 let url = ollama_host_url(&host).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?;
                 let (url, credentials) = split_url(&url).map_err(|m| invalid("backend.url", format!("from OLLAMA_HOST: {m}")))?;
-                let source = if host.trim().is_empty() { "backend.url" } else { "OLLAMA_HOST" }.to_owned();
+                let source = if host.trim().is_empty() { "backend.url or OLLAMA_HOST" } else { "OLLAMA_HOST" }.to_owned();
                 endpoints.push(Endpoint { url, credentials, concurrency: per, source });
             }
             BackendKind::Openai => {

@@ -10,6 +10,7 @@ use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::record::{fnv1a64, Failure, Record};
 use crate::resume::parse_key;
@@ -282,6 +283,101 @@ pub struct Report {
     pub samples: BTreeMap<u32, u64>,
     pub sampled: Vec<Record>,
     pub by_id: Vec<Record>,
+    /// For a run with a schema: re-asks and the top-level fields of `parsed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub structured: Option<Structured>,
+}
+
+/// What the `parsed` values of a run with a schema hold.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Structured {
+    /// Records with a `parsed` value.
+    pub records: u64,
+    /// Records that needed at least one re-ask, and the invalid replies re-asked in all.
+    pub reasked: u64,
+    pub invalid_replies: u64,
+    /// Per top-level field of `parsed` (objects only).
+    pub fields: BTreeMap<String, FieldStats>,
+}
+
+/// One field of `parsed`: its JSON types, numbers' range and mean, the most common strings.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FieldStats {
+    pub types: BTreeMap<String, u64>,
+    pub min: Option<f64>,
+    pub mean: Option<f64>,
+    pub max: Option<f64>,
+    /// The most common values of strings (and booleans), most common first (at most 5).
+    pub top: Vec<(String, u64)>,
+    #[serde(skip)]
+    sum: f64,
+    #[serde(skip)]
+    numbers: u64,
+    #[serde(skip)]
+    counts: HashMap<String, u64>,
+}
+
+/// Distinct string values counted per field: enough for enums and labels, bounded for free text.
+const MAX_DISTINCT: usize = 1000;
+
+impl FieldStats {
+    fn add(&mut self, v: &Value) {
+        let t = match v {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        };
+        *self.types.entry(t.to_owned()).or_insert(0) += 1;
+        if let Some(x) = v.as_f64() {
+            self.min = Some(self.min.map_or(x, |m| m.min(x)));
+            self.max = Some(self.max.map_or(x, |m| m.max(x)));
+            self.sum += x;
+            self.numbers += 1;
+            self.mean = Some(self.sum / self.numbers as f64);
+        }
+        let text = match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => None,
+        };
+        if let Some(text) = text {
+            if let Some(c) = self.counts.get_mut(&text) {
+                *c += 1;
+            } else if self.counts.len() < MAX_DISTINCT {
+                self.counts.insert(text, 1);
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        let mut top: Vec<(String, u64)> = self.counts.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(5);
+        // A value seen once is free text, not a category.
+        top.retain(|(_, c)| *c > 1);
+        self.top = top;
+    }
+}
+
+impl Structured {
+    fn add(&mut self, r: &Record) {
+        let Some(parsed) = &r.parsed else { return };
+        // A CSV carries `parsed` as its compact JSON text.
+        let from_text = parsed.as_str().and_then(|t| serde_json::from_str::<Value>(t).ok());
+        let parsed = from_text.as_ref().unwrap_or(parsed);
+        self.records += 1;
+        let invalid = u64::from(r.invalid.unwrap_or(0));
+        self.invalid_replies += invalid;
+        self.reasked += u64::from(invalid > 0);
+        if let Value::Object(o) = parsed {
+            for (k, v) in o {
+                self.fields.entry(k.clone()).or_default().add(v);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -320,6 +416,7 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
     let mut samples: BTreeMap<u32, u64> = BTreeMap::new();
     let mut reservoir: Vec<Record> = Vec::new();
     let mut by_id = Vec::new();
+    let mut structured = Structured::default();
     let mut rng = opts.seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut next_rand = move || {
         rng ^= rng << 13;
@@ -366,6 +463,7 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
             if r.thinking.as_deref().is_some_and(|t| !t.is_empty()) {
                 thinking += 1;
             }
+            structured.add(&r);
             *models.entry(r.model.clone()).or_insert(0) += 1;
             *samples.entry(r.sample).or_insert(0) += 1;
             if opts.id.as_deref() == Some(r.id.as_str()) {
@@ -428,6 +526,10 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
         models,
         samples,
         sampled: reservoir,
+        structured: (structured.records > 0).then(|| {
+            structured.fields.values_mut().for_each(FieldStats::finish);
+            structured
+        }),
         by_id,
     })
 }
@@ -564,6 +666,25 @@ impl Report {
             ("with thinking", self.with_thinking),
         ] {
             let _ = writeln!(s, "  {label}: {v} ({})", pct(v, n));
+        }
+        if let Some(st) = &self.structured {
+            let _ = writeln!(
+                s,
+                "structured: {} records with parsed JSON; {} needed a re-ask ({} invalid replies re-asked in all)",
+                st.records, st.reasked, st.invalid_replies
+            );
+            for (name, f) in &st.fields {
+                let types: Vec<String> = f.types.iter().map(|(t, c)| format!("{t} {c}")).collect();
+                let mut line = format!("  {name}: {}", types.join(", "));
+                if let (Some(lo), Some(mean), Some(hi)) = (f.min, f.mean, f.max) {
+                    line.push_str(&format!(" · min {} · mean {:.2} · max {}", num(Some(lo)), mean, num(Some(hi))));
+                }
+                if !f.top.is_empty() {
+                    let top: Vec<String> = f.top.iter().map(|(v, c)| format!("{v:?} {c}")).collect();
+                    line.push_str(&format!(" · most common: {}", top.join(", ")));
+                }
+                let _ = writeln!(s, "{line}");
+            }
         }
         if self.models.len() > 1 {
             let m: Vec<String> = self.models.iter().map(|(k, v)| format!("{k} {v}")).collect();

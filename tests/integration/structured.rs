@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use crate::fake_ollama::{FakeOllama, Options};
-use crate::util::{read_csv, read_jsonl, write_questions, ConfigBuilder, Dir};
+use crate::util::{read_csv, read_jsonl, spawn, wait_for, write_questions, ConfigBuilder, Dir};
 
 const JUDGE: &str = r#"{"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}, "reason": {"type": "string"}}, "required": ["score", "reason"], "additionalProperties": false}"#;
 
@@ -71,6 +71,15 @@ fn replies_are_validated_and_invalid_ones_asked_again() {
         let parsed: Value = serde_json::from_str(&row[header.len() - 2]).expect("parsed column is JSON");
         assert_eq!(parsed["score"], 5);
     }
+    // inspect tells the re-asks and the fields, from the JSONL and from the CSV alike.
+    let text = dir.run(&["inspect", "out"], &[]).expect_code(0).stdout();
+    assert!(text.contains("structured: 4 records with parsed JSON; 2 needed a re-ask (2 invalid replies re-asked in all)"), "{text}");
+    assert!(text.contains("  score: number 4 · min 5 · mean 5.00 · max 5"), "{text}");
+    assert!(text.contains("  reason: string 4 · most common: \"a made-up reason, «quoted» and 日本語\" 4"), "{text}");
+    let csv_report: Value = serde_json::from_str(&dir.run(&["inspect", "out/dataset.csv", "--json"], &[]).expect_code(0).stdout()).expect("json");
+    assert_eq!(csv_report["structured"]["fields"]["score"]["mean"], 5.0, "{csv_report}");
+    assert_eq!(csv_report["structured"]["invalid_replies"], 2);
+
     // Resuming keeps it as it is: nothing asked again but the failed row, the CSV untouched.
     let csv = dir.read("out/dataset.csv");
     let asked = fake.generations().len();
@@ -159,4 +168,35 @@ fn a_server_that_refuses_the_dialect_stops_the_run_before_the_batch() {
     dir.write("run.toml", cfg.toml().replace("kind = \"ollama\"", "kind = \"openai\""));
     dir.run(&["--config", "run.toml"], &[]).expect_code(0);
     assert_eq!(read_jsonl(&dir.join("out/dataset.jsonl")).len(), 2);
+}
+
+#[test]
+fn a_schema_run_killed_midway_resumes_without_loss_or_doubles() {
+    let fake = FakeOllama::start(Options { token_delay: std::time::Duration::from_millis(3), ..Default::default() });
+    let dir = Dir::new();
+    let qs: Vec<String> = (1..=30).map(|i| if i % 3 == 0 { format!("q{i} [[outofrangex1]]") } else { format!("q{i}") }).collect();
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = judge_config(&fake.url());
+    cfg.run.push_str("concurrency = 2\n");
+    dir.write("run.toml", cfg.toml());
+    let mut child = spawn(&dir, &["--config", "run.toml", "--progress", "none"]);
+    wait_for("some records", std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(dir.join("out/dataset.jsonl")).is_ok_and(|t| t.lines().count() >= 6)
+    });
+    child.kill().expect("kill -9");
+    let _ = child.wait();
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    assert_eq!(recs.len(), 30, "every row once");
+    let by_q = by_question(&recs);
+    assert_eq!(by_q.len(), 30, "no row twice");
+    for (q, r) in &by_q {
+        assert_eq!(r["parsed"]["score"], 5, "{q}");
+        // The fake counts attempts per prompt: a row cut by the kill after its invalid reply
+        // gets a valid one on the next run, so 0 or 1 re-asks; never more.
+        let want = if q.contains("outofrange") { [0, 1] } else { [0, 0] };
+        assert!(want.contains(&r["invalid"].as_u64().unwrap_or(9)), "{q}: {r}");
+    }
+    let (_, rows) = read_csv(&dir.join("out/dataset.csv"));
+    assert_eq!(rows.len(), 30);
 }
