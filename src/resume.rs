@@ -311,7 +311,7 @@ fn csv_header_end(path: &Path, schema: Option<bool>) -> Option<u64> {
     let f = File::open(path).ok()?;
     let mut r = csv::ReaderBuilder::new().has_headers(true).from_reader(BufReader::new(f));
     let h = r.headers().ok()?;
-    let is = |schema: bool| h.iter().eq(csv_columns(schema).into_iter());
+    let is = |schema: bool| h.iter().eq(csv_columns(schema));
     let ours = match schema {
         Some(s) => is(s),
         None => is(false) || is(true),
