@@ -502,3 +502,27 @@ fn fresh_with_the_server_down_moves_nothing() {
     assert!(!dir.join("out.old-1").exists(), "nothing moved aside");
     check_records(&dir, 3);
 }
+
+// The live display: redrawn on a clock (at most ~15 times a second, however fast tokens come),
+// and each request says what it is doing.
+#[test]
+fn the_live_display_is_paced_and_says_what_each_request_waits_for() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(2), ..Default::default() });
+    let dir = Dir::new();
+    let qs: Vec<String> = (1..=12).map(|i| if i == 1 { "busy once [[503x1]]".to_owned() } else { format!("question {i}") }).collect();
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 2\nmax_retries = 2\nretry_base_delay_ms = 1500\n".into();
+    dir.write("run.toml", cfg.toml());
+    let started = std::time::Instant::now();
+    let run = dir.run(&["--config", "run.toml", "--progress", "bars"], &[]);
+    let secs = started.elapsed().as_secs_f64();
+    run.expect_code(0);
+    let err = run.stderr();
+    // Every redraw starts by clearing what is below the cursor.
+    let redraws = err.matches("\x1b[J").count() as f64;
+    assert!(redraws <= 16.0 * secs + 5.0, "{redraws} redraws in {secs:.1} s");
+    assert!(err.contains("streaming"), "a streaming request shows its tokens");
+    assert!(err.contains("retry 1/2 in "), "a retry wait says so:\n{err}");
+    assert!(err.contains("503"), "with its reason");
+}
