@@ -308,6 +308,28 @@ impl Ctx {
         }
     }
 
+    /// A job that failed for good: logged, shown, and the line for `failures.jsonl`; `invalid`
+    /// holds the validation errors and the last reply of one whose replies never validated.
+    #[allow(clippy::too_many_arguments)]
+    fn failed(&self, job: Job, label: String, attempts: u32, url: &str, error: String, retryable: bool, invalid: Option<(Vec<String>, String)>) -> JobResult {
+        tracing::error!(id = %job.row_id, sample = job.sample, attempts, endpoint = url, error = %error, "failed");
+        self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
+        let (validation_errors, last_reply) = invalid.map_or((None, None), |(e, r)| (Some(e), Some(r)));
+        JobResult::Failure(Box::new(Failure {
+            id: job.row_id,
+            sample: job.sample,
+            model: self.cfg.backend().model.clone(),
+            error,
+            attempts,
+            retryable,
+            key: job.key,
+            endpoint: Some(url.to_owned()),
+            when: record::now_rfc3339(),
+            validation_errors,
+            last_reply,
+        }))
+    }
+
     /// Runs one job to its end: its attempts, with retries for what another attempt could fix,
     /// and waits (not retries) while its server is down.
     async fn run_job(self: Arc<Self>, job: Job) -> JobResult {
@@ -360,21 +382,7 @@ impl Ctx {
                         }
                         Some(Err(why)) => {
                             let error = format!("the reply did not validate against the schema, {} times: {why}", invalid + 1);
-                            tracing::error!(id = %job.row_id, sample = job.sample, attempts, error = %error, "failed");
-                            self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
-                            return JobResult::Failure(Box::new(Failure {
-                                id: job.row_id,
-                                sample: job.sample,
-                                model: self.cfg.backend().model.clone(),
-                                error,
-                                attempts,
-                                retryable: true,
-                                key: job.key,
-                                endpoint: Some(client.url().to_owned()),
-                                when: record::now_rfc3339(),
-                                validation_errors: Some(why.errors),
-                                last_reply: Some(r.response),
-                            }));
+                            return self.failed(job, label, attempts, client.url(), error, true, Some((why.errors, r.response)));
                         }
                     };
                     let completion = r.stats.completion_tokens.unwrap_or(0);
@@ -431,22 +439,7 @@ impl Ctx {
                 }
                 continue;
             }
-            let error = e.to_string();
-            tracing::error!(id = %job.row_id, sample = job.sample, attempts, endpoint = client.url(), error = %error, "failed");
-            self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
-            return JobResult::Failure(Box::new(Failure {
-                id: job.row_id,
-                sample: job.sample,
-                model: self.cfg.backend().model.clone(),
-                error,
-                attempts,
-                retryable: e.retryable(),
-                key: job.key,
-                endpoint: Some(client.url().to_owned()),
-                when: record::now_rfc3339(),
-                validation_errors: None,
-                last_reply: None,
-            }));
+            return self.failed(job, label, attempts, client.url(), e.to_string(), e.retryable(), None);
         }
     }
 }
