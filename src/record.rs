@@ -180,18 +180,70 @@ pub fn reask_seed(seed: i64, id: &str, sample: u32, n: u32) -> i64 {
     (splitmix64(h) & 0x7fff_ffff) as i64
 }
 
-/// Stable hash of everything that shapes a response: a record whose key differs from the one the
-/// current config gives was made by another request (edited template, other model or options).
-pub fn request_key(id: &str, sample: u32, model: &str, api: &str, system: Option<&str>, prompt: &str, request_options: &Value) -> String {
-    // serde_json's map is ordered by key, so this text is canonical.
-    let canon = serde_json::json!({
-        "v": 1, "id": id, "sample": sample, "model": model, "api": api,
-        "system": system, "prompt": prompt, "options": request_options,
-    })
-    .to_string();
-    let a = fnv1a64(&[canon.as_bytes()]);
-    let b = splitmix64(fnv1a64(&[b"k2", canon.as_bytes()]));
-    format!("{a:016x}{b:016x}")
+/// Everything that shapes a response, named: its stable hash is the record's `key`. A record
+/// whose key differs from the one the current config gives was made by another request (edited
+/// template, other model, options or schema).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestKey<'a> {
+    pub id: &'a str,
+    pub sample: u32,
+    pub model: &'a str,
+    /// `chat` | `generate` (the Ollama API; `chat` for OpenAI-compatible servers).
+    pub api: &'a str,
+    pub system: Option<&'a str>,
+    pub prompt: &'a str,
+    /// Sampling options as sent, the per-sample seed included.
+    pub options: &'a Map<String, Value>,
+    pub think: Option<&'a Value>,
+    /// Part of the key only when set: runs without a schema keep their keys.
+    pub schema: Option<&'a Value>,
+}
+
+/// The canonical form that is hashed: an object with its keys in sorted order (as serde_json's
+/// sorted map writes them), so that keys stay byte-identical to those of every earlier version.
+#[derive(Serialize)]
+struct Canonical<'a> {
+    api: &'a str,
+    id: &'a str,
+    model: &'a str,
+    options: CanonicalOptions<'a>,
+    prompt: &'a str,
+    sample: u32,
+    system: Option<&'a str>,
+    v: u32,
+}
+
+#[derive(Serialize)]
+struct CanonicalOptions<'a> {
+    options: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema: Option<&'a Value>,
+    think: Option<&'a Value>,
+}
+
+impl RequestKey<'_> {
+    /// The canonical bytes of the request.
+    pub fn canonical(&self) -> Vec<u8> {
+        let c = Canonical {
+            api: self.api,
+            id: self.id,
+            model: self.model,
+            options: CanonicalOptions { options: self.options, schema: self.schema, think: self.think },
+            prompt: self.prompt,
+            sample: self.sample,
+            system: self.system,
+            v: 1,
+        };
+        serde_json::to_vec(&c).unwrap_or_default()
+    }
+
+    /// 32 hex digits: two 64-bit hashes of the canonical bytes.
+    pub fn hash(&self) -> String {
+        let canon = self.canonical();
+        let a = fnv1a64(&[&canon]);
+        let b = splitmix64(fnv1a64(&[b"k2", &canon]));
+        format!("{a:016x}{b:016x}")
+    }
 }
 
 #[cfg(test)]
@@ -215,15 +267,45 @@ mod tests {
         assert_eq!(derive_seed(42, 4, "row-1", 0), PINNED_SEED);
     }
 
+    /// The key as every version before `RequestKey` computed it: a `Value` built and printed.
+    fn value_key(k: &RequestKey<'_>) -> String {
+        let mut key_options = serde_json::json!({ "options": k.options, "think": k.think });
+        if let Some(s) = k.schema {
+            key_options["schema"] = s.clone();
+        }
+        let canon = serde_json::json!({
+            "v": 1, "id": k.id, "sample": k.sample, "model": k.model, "api": k.api,
+            "system": k.system, "prompt": k.prompt, "options": key_options,
+        })
+        .to_string();
+        let a = fnv1a64(&[canon.as_bytes()]);
+        let b = splitmix64(fnv1a64(&[b"k2", canon.as_bytes()]));
+        format!("{a:016x}{b:016x}")
+    }
+
     #[test]
-    fn keys_change_with_what_was_asked() {
-        let o = serde_json::json!({"temperature": 0.7});
-        let k = request_key("1", 0, "m", "chat", Some("s"), "p", &o);
+    fn keys_change_with_what_was_asked_and_match_the_old_canonical_form() {
+        let o: Map<String, Value> = serde_json::from_str(r#"{"temperature": 0.7, "seed": 42, "stop": ["\n", "é"], "num_predict": 64}"#).unwrap();
+        let think = serde_json::json!("high");
+        let schema = serde_json::json!({"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}});
+        let base = RequestKey { id: "1", sample: 0, model: "m", api: "chat", system: Some("s \"q\" 日本"), prompt: "p\n🎉", options: &o, think: None, schema: None };
+        let k = base.hash();
         assert_eq!(k.len(), 32);
-        assert_eq!(k, request_key("1", 0, "m", "chat", Some("s"), "p", &o));
-        assert_ne!(k, request_key("1", 0, "m", "chat", Some("s"), "p2", &o));
-        assert_ne!(k, request_key("1", 0, "m", "chat", None, "p", &o));
-        assert_ne!(k, request_key("1", 1, "m", "chat", Some("s"), "p", &o));
-        assert_ne!(k, request_key("1", 0, "m", "chat", Some("s"), "p", &serde_json::json!({"temperature": 0.8})));
+        // Byte for byte what datasets written before hold (tests/fixtures/pre-schema checks it end to end).
+        for v in [
+            base,
+            RequestKey { think: Some(&think), ..base },
+            RequestKey { system: None, ..base },
+            RequestKey { schema: Some(&schema), ..base },
+            RequestKey { api: "generate", sample: 3, ..base },
+        ] {
+            assert_eq!(v.hash(), value_key(&v), "{v:?}");
+        }
+        assert_ne!(k, RequestKey { prompt: "p2", ..base }.hash());
+        assert_ne!(k, RequestKey { system: None, ..base }.hash());
+        assert_ne!(k, RequestKey { sample: 1, ..base }.hash());
+        assert_ne!(k, RequestKey { schema: Some(&schema), ..base }.hash());
+        let o2: Map<String, Value> = serde_json::from_str(r#"{"temperature": 0.8}"#).unwrap();
+        assert_ne!(k, RequestKey { options: &o2, ..base }.hash());
     }
 }

@@ -530,12 +530,18 @@ impl Planner {
             options.insert("seed".into(), json!(derived));
             derived
         });
-        let mut key_options = json!({ "options": options, "think": cfg.backend().think });
-        // A schema shapes the reply: part of the key. Without one the key is as it always was.
-        if let Some(schema) = &cfg.schema {
-            key_options["schema"] = schema.value.clone();
+        let key = record::RequestKey {
+            id: &row.id,
+            sample,
+            model: &cfg.backend().model,
+            api: &self.api,
+            system: cfg.system.as_deref(),
+            prompt,
+            options: &options,
+            think: cfg.backend().think.as_ref(),
+            schema: cfg.schema.as_ref().map(|s| &s.value),
         }
-        let key = record::request_key(&row.id, sample, &cfg.backend().model, &self.api, cfg.system.as_deref(), prompt, &key_options);
+        .hash();
         Job {
             seq,
             row_id: row.id.clone(),
