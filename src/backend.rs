@@ -275,11 +275,62 @@ pub fn idle_chunks(inner: ChunkStream, idle: Duration) -> ChunkStream {
 }
 
 /// Reply bytes framed into lines.
-pub fn lines<S>(bytes: S) -> tokio_util::codec::FramedRead<tokio_util::io::StreamReader<std::pin::Pin<Box<S>>, bytes::Bytes>, crate::framing::LineCodec>
+fn lines<S>(bytes: S) -> tokio_util::codec::FramedRead<tokio_util::io::StreamReader<std::pin::Pin<Box<S>>, bytes::Bytes>, crate::framing::LineCodec>
 where
     S: futures::Stream<Item = std::io::Result<bytes::Bytes>>,
 {
     tokio_util::codec::FramedRead::new(tokio_util::io::StreamReader::new(Box::pin(bytes)), crate::framing::LineCodec::default())
+}
+
+/// What a wire format does with the complete lines of a streamed reply (NDJSON for Ollama, SSE
+/// for OpenAI-compatible servers). Framing, the order of chunks and errors are
+/// [`decode_lines`]'s; a format only reads lines.
+pub trait LineDecoder: Send + 'static {
+    /// One complete line (without its `\n` or `\r\n`): chunks go to `out`. Ok(true) when the
+    /// reply is complete; an Err ends it.
+    fn line(&mut self, line: &[u8], out: &mut std::collections::VecDeque<Chunk>) -> Result<bool, ClientError>;
+    /// The bytes ran out before the reply said it was complete: the last chunks, or why it is
+    /// no reply (usually [`ClientError::Truncated`]).
+    fn end(&mut self, out: &mut std::collections::VecDeque<Chunk>) -> Result<(), ClientError>;
+}
+
+/// Reply bytes, framed into lines, decoded by a wire format into chunks. The stream ends after
+/// the chunk that completes the reply, or with the first error.
+pub fn decode_lines<S, D>(bytes: S, decoder: D) -> impl futures::Stream<Item = Result<Chunk, ClientError>> + Send
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+    D: LineDecoder,
+{
+    use futures::StreamExt;
+    struct St<L, D> {
+        lines: L,
+        decoder: D,
+        pending: std::collections::VecDeque<Chunk>,
+        complete: bool,
+    }
+    let st = St { lines: lines(bytes), decoder, pending: Default::default(), complete: false };
+    futures::stream::unfold(Some(st), |state| async move {
+        let mut st = state?;
+        loop {
+            if let Some(c) = st.pending.pop_front() {
+                return Some((Ok(c), Some(st)));
+            }
+            if st.complete {
+                return None;
+            }
+            let step = match st.lines.next().await {
+                Some(Ok(line)) => st.decoder.line(&line, &mut st.pending).map(|complete| st.complete = complete),
+                Some(Err(e)) => Err(frame_error(e)),
+                None => {
+                    st.complete = true;
+                    st.decoder.end(&mut st.pending)
+                }
+            };
+            if let Err(e) = step {
+                return Some((Err(e), None));
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -5,17 +5,18 @@
 //! deadline on the whole reply), then the line framer, then JSON per complete line. Every line is
 //! checked for `error`; a reply that ends without `done: true` is truncated, not a success.
 
+use std::collections::VecDeque;
 use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
 use data_generator::backend::{
-    self, error_chain, error_message, body_bytes, frame_error, idle_chunks, Chunk, ChunkStream, ClientError, ModelClient, Request,
+    self, body_bytes, error_chain, error_message, idle_chunks, Chunk, ChunkStream, ClientError, LineDecoder, ModelClient, Request,
     ServerInfo, Stats,
 };
 use data_generator::config::{self, Config, Endpoint, OllamaApi};
 use futures::future::BoxFuture;
-use futures::stream::{self, Stream, StreamExt};
+use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -260,25 +261,23 @@ pub fn decode_reply<S>(bytes: S) -> impl Stream<Item = Result<Chunk, ClientError
 where
     S: Stream<Item = io::Result<Bytes>> + Send + 'static,
 {
-    let lines = backend::lines(bytes);
-    stream::unfold(Some((lines, Vec::<Chunk>::new())), |state| async move {
-        let (mut lines, mut pending) = state?;
-        loop {
-            if !pending.is_empty() {
-                let chunk = pending.remove(0);
-                let last = matches!(chunk, Chunk::Done(_));
-                return Some((Ok(chunk), (!last).then_some((lines, pending))));
-            }
-            match lines.next().await {
-                None => return Some((Err(ClientError::Truncated), None)),
-                Some(Err(e)) => return Some((Err(frame_error(e)), None)),
-                Some(Ok(line)) => match decode_line(&line) {
-                    Ok(chunks) => pending = chunks,
-                    Err(e) => return Some((Err(e), None)),
-                },
-            }
-        }
-    })
+    backend::decode_lines(bytes, Ndjson)
+}
+
+/// Ollama's NDJSON: one JSON object a line, the last with `done: true`.
+struct Ndjson;
+
+impl LineDecoder for Ndjson {
+    fn line(&mut self, line: &[u8], out: &mut VecDeque<Chunk>) -> Result<bool, ClientError> {
+        let chunks = decode_line(line)?;
+        let done = matches!(chunks.last(), Some(Chunk::Done(_)));
+        out.extend(chunks);
+        Ok(done)
+    }
+
+    fn end(&mut self, _out: &mut VecDeque<Chunk>) -> Result<(), ClientError> {
+        Err(ClientError::Truncated)
+    }
 }
 
 fn decode_line(line: &[u8]) -> Result<Vec<Chunk>, ClientError> {
@@ -349,7 +348,7 @@ mod tests {
     );
 
     async fn collect(pieces: Vec<Vec<u8>>) -> Vec<Result<Chunk, String>> {
-        let s = stream::iter(pieces.into_iter().map(|p| Ok(Bytes::from(p))));
+        let s = futures::stream::iter(pieces.into_iter().map(|p| Ok(Bytes::from(p))));
         decode_reply(s).map(|r| r.map_err(|e| e.to_string())).collect().await
     }
 

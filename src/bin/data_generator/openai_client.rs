@@ -7,16 +7,17 @@
 //! without `[DONE]` or a `finish_reason` is truncated. When the server sends no usage, the content
 //! pieces are counted instead and the count is marked estimated.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use data_generator::backend::{
-    self, error_chain, error_message, body_bytes, frame_error, idle_chunks, Chunk, ChunkStream, ClientError, ModelClient, Request,
+    self, body_bytes, error_chain, error_message, idle_chunks, Chunk, ChunkStream, ClientError, LineDecoder, ModelClient, Request,
     ServerInfo, Stats,
 };
 use data_generator::config::{self, Config, Endpoint, ResponseFormat};
 use data_generator::sse::{SseEvent, SseParser};
 use futures::future::BoxFuture;
-use futures::stream::{self, Stream, StreamExt};
+use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use serde_json::{json, Map, Value};
 
@@ -295,63 +296,43 @@ pub fn decode_sse<S>(bytes: S) -> impl Stream<Item = Result<Chunk, ClientError>>
 where
     S: Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
 {
-    struct St<L> {
-        lines: L,
-        parser: SseParser,
-        reply: Reply,
-        pending: std::collections::VecDeque<Chunk>,
-        ended: bool,
-    }
-    let st = St { lines: backend::lines(bytes), parser: SseParser::new(), reply: Reply::default(), pending: Default::default(), ended: false };
-    stream::unfold(Some(st), |state| async move {
-        let mut st = state?;
-        loop {
-            if let Some(c) = st.pending.pop_front() {
-                return Some((Ok(c), Some(st)));
-            }
-            if st.ended {
-                return None;
-            }
-            let event = match st.lines.next().await {
-                Some(Ok(line)) => match std::str::from_utf8(&line) {
-                    Ok(text) => st.parser.line(text),
-                    Err(e) => return Some((Err(ClientError::Decode { message: e.to_string(), start: String::new() }), None)),
-                },
-                Some(Err(e)) => return Some((Err(frame_error(e)), None)),
-                None => {
-                    // End of the bytes: a last event without its blank line still counts.
-                    if let Some(ev) = st.parser.finish() {
-                        match decode_event(&ev, &mut st.reply) {
-                            Ok(chunks) => st.pending.extend(chunks),
-                            Err(e) => return Some((Err(e), None)),
-                        }
-                    }
-                    st.ended = true;
-                    if st.reply.finish_reason.is_some() {
-                        st.pending.push_back(Chunk::Done(st.reply.stats()));
-                        continue;
-                    }
-                    return Some((Err(ClientError::Truncated), None));
-                }
-            };
-            if let Some(ev) = event {
-                match decode_event(&ev, &mut st.reply) {
-                    Ok(chunks) => st.pending.extend(chunks),
-                    Err(e) => return Some((Err(e), None)),
-                }
-                if st.reply.done {
-                    // A finished completion always says why it finished; `[DONE]` without a
-                    // `finish_reason` is a reply cut off (llama-cpp-python ends an interrupted
-                    // request that way), not a success.
-                    if st.reply.finish_reason.is_none() {
-                        return Some((Err(ClientError::Truncated), None));
-                    }
-                    st.pending.push_back(Chunk::Done(st.reply.stats()));
-                    st.ended = true;
-                }
-            }
+    backend::decode_lines(bytes, Sse { parser: SseParser::new(), reply: Reply::default() })
+}
+
+/// Server-Sent Events of chat completion chunks, ending in `data: [DONE]`.
+struct Sse {
+    parser: SseParser,
+    reply: Reply,
+}
+
+impl LineDecoder for Sse {
+    fn line(&mut self, line: &[u8], out: &mut VecDeque<Chunk>) -> Result<bool, ClientError> {
+        let text = std::str::from_utf8(line).map_err(|e| ClientError::Decode { message: e.to_string(), start: String::new() })?;
+        let Some(ev) = self.parser.line(text) else { return Ok(false) };
+        out.extend(decode_event(&ev, &mut self.reply)?);
+        if !self.reply.done {
+            return Ok(false);
         }
-    })
+        // A finished completion always says why it finished; `[DONE]` without a `finish_reason`
+        // is a reply cut off (llama-cpp-python ends an interrupted request that way).
+        if self.reply.finish_reason.is_none() {
+            return Err(ClientError::Truncated);
+        }
+        out.push_back(Chunk::Done(self.reply.stats()));
+        Ok(true)
+    }
+
+    fn end(&mut self, out: &mut VecDeque<Chunk>) -> Result<(), ClientError> {
+        // A last event without its blank line still counts.
+        if let Some(ev) = self.parser.finish() {
+            out.extend(decode_event(&ev, &mut self.reply)?);
+        }
+        if self.reply.finish_reason.is_none() {
+            return Err(ClientError::Truncated);
+        }
+        out.push_back(Chunk::Done(self.reply.stats()));
+        Ok(())
+    }
 }
 
 impl ModelClient for OpenAiClient {
@@ -387,7 +368,7 @@ mod tests {
     );
 
     async fn collect(pieces: Vec<Vec<u8>>) -> Vec<Result<Chunk, String>> {
-        let s = stream::iter(pieces.into_iter().map(|p| Ok(Bytes::from(p))));
+        let s = futures::stream::iter(pieces.into_iter().map(|p| Ok(Bytes::from(p))));
         decode_sse(s).map(|r| r.map_err(|e| e.to_string())).collect().await
     }
 
