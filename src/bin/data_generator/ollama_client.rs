@@ -19,7 +19,7 @@ use futures::future::BoxFuture;
 use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// A `ClientError::Check` with a formatted message.
 macro_rules! check_err {
@@ -147,19 +147,14 @@ impl OllamaClient {
         Ok(ServerInfo { version, capabilities, fake })
     }
 
-    fn body(&self, system: Option<&str>, prompt: &str, options: &Map<String, Value>, schema: Option<&Value>) -> Value {
+    fn body(&self, req: &Request<'_>) -> Value {
+        let (options, schema) = (req.options, req.schema);
         let mut body = match self.api {
-            OllamaApi::Chat => {
-                let mut messages = Vec::new();
-                if let Some(s) = system {
-                    messages.push(json!({ "role": "system", "content": s }));
-                }
-                messages.push(json!({ "role": "user", "content": prompt }));
-                json!({ "model": self.model, "messages": messages, "stream": true })
-            }
+            OllamaApi::Chat => json!({ "model": self.model, "messages": req.messages, "stream": true }),
+            // One prompt and a system field: the last user message and the system prompt.
             OllamaApi::Generate => {
-                let mut b = json!({ "model": self.model, "prompt": prompt, "stream": true });
-                if let Some(s) = system {
+                let mut b = json!({ "model": self.model, "prompt": req.prompt(), "stream": true });
+                if let Some(s) = req.system() {
                     b["system"] = json!(s);
                 }
                 b
@@ -187,7 +182,7 @@ impl OllamaClient {
             OllamaApi::Generate => "/api/generate",
         };
         let url = format!("{}{}", self.base, path);
-        let http = self.post(&url).json(&self.body(req.system, req.prompt, req.options, req.schema));
+        let http = self.post(&url).json(&self.body(&req));
         let resp = match backend::open_stream(http, &url, self.idle).await {
             Err(ClientError::Status { status: 404, message, .. }) if message.contains("not found") => {
                 return Err(ClientError::ModelNotFound { url: self.base.clone(), model: self.model.clone() })

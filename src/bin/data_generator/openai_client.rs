@@ -159,14 +159,9 @@ impl OpenAiClient {
     }
 
     fn body(&self, req: &Request<'_>) -> Value {
-        let mut messages = Vec::new();
-        if let Some(s) = req.system {
-            messages.push(json!({"role": "system", "content": s}));
-        }
-        messages.push(json!({"role": "user", "content": req.prompt}));
         let mut body = json!({
             "model": self.model,
-            "messages": messages,
+            "messages": req.messages,
             "stream": true,
             "stream_options": {"include_usage": true},
         });

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use data_generator::backend::{Chunk, ClientError, ModelClient, Request, ServerInfo, Stats};
+use data_generator::backend::{Chunk, ClientError, Message, ModelClient, Request, Role, ServerInfo, Stats};
 use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
 use data_generator::endpoints::{Change, EndpointPool, Outcome, Since};
@@ -106,7 +106,12 @@ async fn get_student_response(
     progress: &Progress,
 ) -> Result<StudentResponse, ClientError> {
     let started = Instant::now();
-    let mut reply = client.stream(Request { system, prompt: &job.prompt, options, schema }).await?;
+    let user = Message { role: Role::User, content: &job.prompt };
+    let messages = match system {
+        Some(s) => vec![Message { role: Role::System, content: s }, user],
+        None => vec![user],
+    };
+    let mut reply = client.stream(Request { messages: &messages, options, schema }).await?;
     progress.send(Event::Responding { job: job.seq });
     let mut response = String::new();
     let mut thinking = String::new();
