@@ -616,29 +616,27 @@ pub fn fit_end(s: &str, cols: usize) -> &str {
     &s[start..]
 }
 
+/// Hours, minutes and seconds of a duration.
+fn hms(d: Duration) -> (u64, u64, u64) {
+    let s = d.as_secs();
+    (s / 3600, s / 60 % 60, s % 60)
+}
+
 /// `1h02m03s`, `4m05s`, `6s`.
 pub fn format_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    if h > 0 {
-        format!("{h}h{m:02}m{s:02}s")
-    } else if m > 0 {
-        format!("{m}m{s:02}s")
-    } else {
-        format!("{s}s")
+    match hms(d) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, s) => format!("{h}h{m:02}m{s:02}s"),
     }
 }
 
 /// `3 m 12 s`, `45 s`, `2 h 05 m`: for messages people read.
 pub fn short_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    if h > 0 {
-        format!("{h} h {m:02} m")
-    } else if m > 0 {
-        format!("{m} m {s:02} s")
-    } else {
-        format!("{s} s")
+    match hms(d) {
+        (0, 0, s) => format!("{s} s"),
+        (0, m, s) => format!("{m} m {s:02} s"),
+        (h, m, _) => format!("{h} h {m:02} m"),
     }
 }
 
