@@ -6,47 +6,9 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// Who says a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-/// One turn of a conversation, as both wire formats write it (`{"role": ..., "content": ...}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Message<'a> {
-    pub role: Role,
-    pub content: &'a str,
-}
-
-/// One request: what the pipeline asks of any backend. A stage is described by data: its
-/// messages (a system prompt, the rendered user prompt, later earlier turns), its options and
-/// its output format.
-#[derive(Debug, Clone, Copy)]
-pub struct Request<'a> {
-    pub messages: &'a [Message<'a>],
-    /// Sampling options in Ollama's names; a client maps them to its wire names.
-    pub options: &'a Map<String, Value>,
-    /// A JSON schema the reply must follow, sent in the server's dialect.
-    pub schema: Option<&'a Value>,
-}
-
-impl<'a> Request<'a> {
-    /// The system prompt (the first system message), for APIs that take it apart.
-    pub fn system(&self) -> Option<&'a str> {
-        self.messages.iter().find(|m| m.role == Role::System).map(|m| m.content)
-    }
-
-    /// The last user message, for APIs that take one prompt (Ollama's `/api/generate`).
-    pub fn prompt(&self) -> &'a str {
-        self.messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content).unwrap_or("")
-    }
-}
+pub use crate::request::{Message, Request, Role};
 
 /// A reply: chunks ending in `Chunk::Done`, or an error item.
 pub type ChunkStream = BoxStream<'static, Result<Chunk, ClientError>>;

@@ -2,6 +2,7 @@
 //! local LLM server. The binary (`src/bin/data_generator`) is a thin layer over these modules,
 //! one per noun.
 
+pub mod attempt;
 pub mod backend;
 pub mod config;
 pub mod dataset;
@@ -12,8 +13,10 @@ pub mod input;
 pub mod inspect;
 pub mod manifest;
 pub mod merge;
+pub mod plan;
 pub mod progress;
 pub mod record;
+pub mod request;
 pub mod resume;
 pub mod schema;
 pub mod sse;

@@ -657,6 +657,20 @@ fn local_offset_secs(unix: i64) -> i64 {
     if ok { tm.tm_gmtoff as i64 } else { 0 }
 }
 
+/// Where progress events go. Token events are made only when a live display shows them.
+#[derive(Clone)]
+pub struct Progress {
+    pub tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    /// Whether a live display shows text: only then are `Event::Token`s made.
+    pub tokens: bool,
+}
+
+impl Progress {
+    pub fn send(&self, ev: Event) {
+        let _ = self.tx.send(ev);
+    }
+}
+
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DisplayMode {

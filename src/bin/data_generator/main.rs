@@ -207,8 +207,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
     let cfg = load_config(args.config)?;
     let opts = pipeline::RunOptions {
         display: args.progress,
-        retry_failed: !args.no_retry_failed,
-        redo_truncated: args.redo_truncated,
+        redo: data_generator::plan::Redo { failed: !args.no_retry_failed, truncated: args.redo_truncated },
         fresh: args.fresh,
     };
     let outcome = runtime()?.block_on(pipeline::run(cfg, opts))?;
@@ -232,7 +231,7 @@ fn config_keys(path: Option<&Path>) -> anyhow::Result<Option<std::collections::H
     let Some(path) = path else { return Ok(None) };
     let host = std::env::var("OLLAMA_HOST").ok();
     let cfg = config::load(path, &Overrides::default(), host.as_deref())?;
-    Ok(Some(pipeline::request_keys(&cfg)?))
+    Ok(Some(data_generator::plan::Planner::new(&cfg)?.keys()?))
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<u8> {

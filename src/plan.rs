@@ -1,0 +1,252 @@
+//! The plan of a run: which requests the input asks for, each as a [`Job`] (a row's rendered
+//! prompt, a sample's options and seed, the request's key), and which of them still have to run
+//! given what the output folder already holds.
+//!
+//! The input is read twice: once up front by [`Planner::check`] (ids unique, every row renders,
+//! the counts), then streamed again by [`Planner::jobs`] as the run dispatches, so a large batch is
+//! never held in memory.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use serde_json::{json, Map, Value};
+
+use crate::config::Config;
+use crate::input::{IdSet, InputError, Row, RowReader};
+use crate::progress::JobId;
+use crate::request::{self, RequestKey};
+use crate::resume::{self, Prior};
+use crate::template::{PromptTemplate, TemplateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error("in {path}: {source}")]
+    Render { path: PathBuf, source: TemplateError },
+    #[error("{path}:{line}: duplicate id {id:?} (first at line {first}); ids must be unique{hint}")]
+    DuplicateId { path: PathBuf, line: u64, id: String, first: u64, hint: String },
+    #[error("{path}: no rows to run (the file is empty)")]
+    Empty { path: PathBuf },
+}
+
+/// One request: a (row, sample) with its rendered prompt and the options it is sent with.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Its place in the run's order of dispatch (1-based), for progress events.
+    pub seq: JobId,
+    pub row_id: String,
+    pub sample: u32,
+    /// The system prompt it is sent with.
+    pub system: Option<String>,
+    pub prompt: String,
+    pub input: Map<String, Value>,
+    /// Options as sent, the per-sample seed included.
+    pub options: Map<String, Value>,
+    pub seed: Option<i64>,
+    /// The request's key (see [`RequestKey`]).
+    pub key: String,
+}
+
+impl Job {
+    /// `row ID` (and ` sN` when a row has several samples), for messages and the display.
+    pub fn label(&self, samples: u32) -> String {
+        if samples > 1 {
+            format!("row {} s{}", self.row_id, self.sample)
+        } else {
+            format!("row {}", self.row_id)
+        }
+    }
+}
+
+/// What to do again of what the folder already holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Redo {
+    /// Run again the requests in `failures.jsonl` (the default).
+    pub failed: bool,
+    /// Run again the requests whose record was cut off by `num_predict`.
+    pub truncated: bool,
+}
+
+/// Whether a request runs, given what the folder already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Run,
+    AlreadyDone,
+    SkipFailed,
+}
+
+pub fn verdict(prior: &Prior, redo: Redo, key: &str) -> Verdict {
+    let Some(k) = resume::parse_key(key) else { return Verdict::Run };
+    if prior.done.contains(&k) && !(redo.truncated && prior.truncated.contains(&k)) {
+        Verdict::AlreadyDone
+    } else if !redo.failed && prior.failed.contains(&k) {
+        Verdict::SkipFailed
+    } else {
+        Verdict::Run
+    }
+}
+
+/// What the input asks for, counted before the run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plan {
+    pub rows: u64,
+    pub requests: u64,
+    pub to_run: u64,
+    pub already_done: u64,
+    pub skipped_failed: u64,
+}
+
+/// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
+pub struct Planner {
+    cfg: Config,
+    template: PromptTemplate,
+    api: String,
+}
+
+impl Planner {
+    pub fn new(cfg: &Config) -> Result<Planner, PlanError> {
+        let template = PromptTemplate::new(cfg.template.clone(), &cfg.template_origin)?;
+        let api = format!("{:?}", cfg.backend().api).to_lowercase();
+        Ok(Planner { cfg: cfg.clone(), template, api })
+    }
+
+    /// The rows of the input: the first `run.limit` only, and of those the shard's.
+    pub fn rows(&self) -> Result<impl Iterator<Item = Result<Row, InputError>>, PlanError> {
+        let cfg = &self.cfg;
+        let reader = RowReader::open(&cfg.input_path, cfg.input_format, cfg.raw.input.id_field.as_deref())?;
+        let shard = cfg.shard;
+        Ok(reader.take(cfg.run().limit.map_or(usize::MAX, |l| l as usize)).filter(move |r| match (r, shard) {
+            (Ok(row), Some(s)) => s.has(&row.id),
+            _ => true,
+        }))
+    }
+
+    /// A row's prompt.
+    pub fn render(&self, row: &Row) -> Result<String, PlanError> {
+        self.template.render(row).map_err(|source| PlanError::Render { path: self.cfg.input_path.clone(), source })
+    }
+
+    /// Sample `sample` of a rendered row.
+    pub fn job(&self, seq: JobId, row: &Row, prompt: &str, sample: u32) -> Job {
+        let cfg = &self.cfg;
+        let mut options = cfg.options().clone();
+        let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
+            let derived = request::derive_seed(s, cfg.run().samples_per_prompt, &row.id, sample);
+            options.insert("seed".into(), json!(derived));
+            derived
+        });
+        let key = RequestKey {
+            id: &row.id,
+            sample,
+            model: &cfg.backend().model,
+            api: &self.api,
+            system: cfg.system.as_deref(),
+            prompt,
+            options: &options,
+            think: cfg.backend().think.as_ref(),
+            schema: cfg.schema.as_ref().map(|s| &s.value),
+        }
+        .hash();
+        Job {
+            seq,
+            row_id: row.id.clone(),
+            sample,
+            system: cfg.system.clone(),
+            prompt: prompt.to_owned(),
+            input: row.fields.clone(),
+            options,
+            seed,
+            key,
+        }
+    }
+
+    /// Every row and its prompt, in input order; stops at the first row that cannot be read or
+    /// rendered.
+    fn rendered(&self) -> Result<impl Iterator<Item = Result<(Row, String), PlanError>> + '_, PlanError> {
+        Ok(self.rows()?.map(|row| {
+            let row = row?;
+            let prompt = self.render(&row)?;
+            Ok((row, prompt))
+        }))
+    }
+
+    /// Reads every row once: ids unique, every row renders, each request's verdict counted.
+    pub fn check(&self, prior: &Prior, redo: Redo) -> Result<Plan, PlanError> {
+        let cfg = &self.cfg;
+        let mut ids = IdSet::default();
+        let mut plan = Plan::default();
+        for row in self.rows()? {
+            let row = row?;
+            if let Err(first) = ids.insert(&row.id, row.line) {
+                return Err(PlanError::DuplicateId {
+                    path: cfg.input_path.clone(),
+                    line: row.line,
+                    id: row.id,
+                    first,
+                    hint: cfg.raw.input.id_field.as_ref().map(|f| format!(" (input.id_field = {f:?})")).unwrap_or_default(),
+                });
+            }
+            let prompt = self.render(&row)?;
+            plan.rows += 1;
+            for sample in 0..cfg.run().samples_per_prompt {
+                plan.requests += 1;
+                match verdict(prior, redo, &self.job(0, &row, &prompt, sample).key) {
+                    Verdict::Run => plan.to_run += 1,
+                    Verdict::AlreadyDone => plan.already_done += 1,
+                    Verdict::SkipFailed => plan.skipped_failed += 1,
+                }
+            }
+        }
+        if plan.rows == 0 {
+            return Err(PlanError::Empty { path: cfg.input_path.clone() });
+        }
+        Ok(plan)
+    }
+
+    /// The jobs still to run, numbered in input order (every request counts for `seq`, so a
+    /// job's number is the same whatever is already done). An error ends the stream.
+    pub fn jobs<'a>(&'a self, prior: &'a Prior, redo: Redo) -> impl Iterator<Item = Result<Job, PlanError>> + 'a {
+        let samples = self.cfg.run().samples_per_prompt;
+        let rows: Box<dyn Iterator<Item = Result<(Row, String), PlanError>> + 'a> = match self.rendered() {
+            Ok(r) => Box::new(r),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        let mut failed = false;
+        let mut seq = 0;
+        rows.map_while(move |r| {
+            if failed {
+                return None;
+            }
+            failed = r.is_err();
+            Some(r)
+        })
+        .flat_map(move |r| -> Box<dyn Iterator<Item = Result<Job, PlanError>> + 'a> {
+            match r {
+                Err(e) => Box::new(std::iter::once(Err(e))),
+                Ok((row, prompt)) => {
+                    let first = seq;
+                    seq += u64::from(samples);
+                    Box::new((0..samples).filter_map(move |sample| {
+                        let job = self.job(first + u64::from(sample) + 1, &row, &prompt, sample);
+                        (verdict(prior, redo, &job.key) == Verdict::Run).then_some(Ok(job))
+                    }))
+                }
+            }
+        })
+    }
+
+    /// Keys of every request the config asks for (what counts, for `inspect` and `export`).
+    pub fn keys(&self) -> Result<HashSet<u128>, PlanError> {
+        let mut keys = HashSet::new();
+        for r in self.rendered()? {
+            let (row, prompt) = r?;
+            for sample in 0..self.cfg.run().samples_per_prompt {
+                keys.extend(resume::parse_key(&self.job(0, &row, &prompt, sample).key));
+            }
+        }
+        Ok(keys)
+    }
+}
