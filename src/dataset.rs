@@ -7,7 +7,8 @@
 //! so a power cut loses at most that many seconds of records.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Write};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -464,4 +465,72 @@ pub fn move_aside(dir: &Path) -> io::Result<Option<PathBuf>> {
         }
     }
     unreachable!("an unbounded range always yields")
+}
+
+/// A line of a JSONL file that is not a `T`: its 1-based number and why; `torn` when it is the
+/// last line and has no newline (a write cut short).
+#[derive(Debug, Clone)]
+pub struct BadLine {
+    pub line: u64,
+    pub error: String,
+    pub torn: bool,
+}
+
+/// The one streaming reader of the JSONL files an output folder holds (`dataset.jsonl`,
+/// `failures.jsonl`): one line in memory at a time, each deserialized as `T` (a type that reads
+/// only the fields it names costs only those). Blank lines are skipped. What a bad line means is
+/// the caller's: resume stops, inspect counts it.
+pub struct JsonlReader<T> {
+    reader: BufReader<File>,
+    buf: Vec<u8>,
+    line: u64,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T: serde::de::DeserializeOwned> JsonlReader<T> {
+    pub fn open(path: &Path) -> io::Result<JsonlReader<T>> {
+        Ok(JsonlReader { reader: BufReader::with_capacity(256 * 1024, File::open(path)?), buf: Vec::new(), line: 0, _item: PhantomData })
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Iterator for JsonlReader<T> {
+    /// The line's number and its item, or what is wrong with it; Err on a read error.
+    type Item = io::Result<(u64, Result<T, BadLine>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            match self.reader.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            self.line += 1;
+            if self.buf.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let line = self.line;
+            return Some(Ok((
+                line,
+                serde_json::from_slice::<T>(&self.buf).map_err(|e| BadLine { line, error: e.to_string(), torn: self.buf.last() != Some(&b'\n') }),
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_reader_numbers_lines_and_tells_bad_from_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.jsonl");
+        std::fs::write(&p, "{\"id\":\"a\"}\n\n  \nnot json\n{\"id\":\"b\"}\n{\"id\":").unwrap();
+        let items: Vec<(u64, Result<Record, BadLine>)> = JsonlReader::<Record>::open(&p).unwrap().map(Result::unwrap).collect();
+        let summary: Vec<(u64, Option<&str>, Option<bool>)> =
+            items.iter().map(|(l, r)| (*l, r.as_ref().ok().map(|r| r.id.as_str()), r.as_ref().err().map(|b| b.torn))).collect();
+        assert_eq!(summary, vec![(1, Some("a"), None), (4, None, Some(false)), (5, Some("b"), None), (6, None, Some(true))]);
+        assert!(JsonlReader::<Record>::open(&dir.path().join("missing")).is_err());
+    }
 }

@@ -6,12 +6,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::dataset::JsonlReader;
 use crate::record::{fnv1a64, Failure, Record};
 use crate::resume::parse_key;
 
@@ -75,8 +76,8 @@ pub fn for_each_record(
     mut bad: impl FnMut(Malformed),
 ) -> Result<(), InspectError> {
     let io_err = |source| InspectError::Io { path: src.dataset.clone(), source };
-    let file = File::open(&src.dataset).map_err(io_err)?;
     if src.csv {
+        let file = File::open(&src.dataset).map_err(io_err)?;
         let mut r = csv::ReaderBuilder::new().flexible(true).from_reader(BufReader::new(file));
         let headers = r
             .headers()
@@ -107,31 +108,21 @@ pub fn for_each_record(
             }
         }
     }
-    let mut r = BufReader::with_capacity(256 * 1024, file);
-    let mut buf = Vec::new();
-    let mut line = 0u64;
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf).map_err(io_err)? == 0 {
-            return Ok(());
-        }
-        line += 1;
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<Record>(&buf) {
-            Ok(record) => {
+    let lines = JsonlReader::<Record>::open(&src.dataset).map_err(io_err)?;
+    for item in lines {
+        match item.map_err(io_err)? {
+            (line, Ok(record)) => {
                 if !each(record, line) {
                     return Ok(());
                 }
             }
-            Err(e) => {
-                let torn = buf.last() != Some(&b'\n');
-                let error = if torn { format!("torn last line (no newline): {e}") } else { e.to_string() };
+            (line, Err(b)) => {
+                let error = if b.torn { format!("torn last line (no newline): {}", b.error) } else { b.error };
                 bad(Malformed { line, error })
             }
         }
     }
+    Ok(())
 }
 
 /// Log-bucketed histogram: exact count, min, max and mean; quantiles within about 1%.
@@ -553,20 +544,11 @@ fn summarize_failures(
         }, |_| {})?;
         Some(keys)
     };
-    let f = File::open(path).map_err(|source| InspectError::Io { path: path.to_owned(), source })?;
-    let mut r = BufReader::new(f);
-    let mut buf = Vec::new();
+    let io_err = |source| InspectError::Io { path: path.to_owned(), source };
     let (mut lines, mut resolved, mut malformed) = (0u64, 0u64, 0u64);
     let mut errors: HashMap<String, u64> = HashMap::new();
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf).map_err(|source| InspectError::Io { path: path.to_owned(), source })? == 0 {
-            break;
-        }
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        let Ok(fail) = serde_json::from_slice::<Failure>(&buf) else {
+    for item in JsonlReader::<Failure>::open(path).map_err(io_err)? {
+        let Ok(fail) = item.map_err(io_err)?.1 else {
             malformed += 1;
             continue;
         };

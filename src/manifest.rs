@@ -7,7 +7,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::backend::ServerInfo;
+use crate::config::Config;
 use crate::dataset::write_atomic;
+use crate::plan::Plan;
+use crate::record;
 
 pub const MANIFEST_VERSION: u32 = 1;
 
@@ -85,6 +89,64 @@ pub struct RunEntry {
 }
 
 impl Manifest {
+    /// The manifest of a run that starts now, after the `runs` before it in the folder.
+    pub fn for_run(cfg: &Config, server: Option<&ServerInfo>, plan: &Plan, runs: Vec<RunEntry>) -> Manifest {
+        let mut runs = runs;
+        runs.push(RunEntry {
+            started_at: record::now_rfc3339(),
+            ended_at: None,
+            status: "running".into(),
+            error: None,
+            requests: plan.to_run,
+            already_done: plan.already_done,
+            done: 0,
+            failed: 0,
+            completion_tokens: 0,
+        });
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            tool: Tool { name: env!("CARGO_PKG_NAME").into(), version: env!("CARGO_PKG_VERSION").into() },
+            name: cfg.name().to_owned(),
+            config_path: cfg.path.display().to_string(),
+            config: crate::config::snapshot(cfg),
+            server: Server {
+                kind: format!("{:?}", cfg.backend().kind).to_lowercase(),
+                urls: cfg.endpoints.iter().map(|e| e.url.clone()).collect(),
+                version: server.and_then(|s| s.version.clone()),
+                model: cfg.backend().model.clone(),
+                fake: server.is_some_and(|s| s.fake),
+            },
+            input: Input {
+                path: cfg.input_path.display().to_string(),
+                rows: plan.rows,
+                samples_per_prompt: cfg.run().samples_per_prompt,
+            },
+            counts: Counts {
+                requests: plan.requests,
+                already_done: plan.already_done,
+                skipped_failed: plan.skipped_failed,
+                done: 0,
+                failed: 0,
+                remaining: plan.to_run,
+            },
+            completion_tokens: 0,
+            runs,
+        }
+    }
+
+    /// Counts this run's progress into the manifest.
+    pub fn tally(&mut self, plan: &Plan, done: u64, failed: u64, tokens: u64) {
+        self.counts.done = done;
+        self.counts.failed = failed;
+        self.counts.remaining = plan.to_run.saturating_sub(done + failed);
+        self.completion_tokens = tokens;
+        if let Some(r) = self.current_run() {
+            r.done = done;
+            r.failed = failed;
+            r.completion_tokens = tokens;
+        }
+    }
+
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let mut text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
         text.push(b'\n');

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::config::OutputFormat;
-use crate::dataset::{Dataset, DatasetError, OutputLock, OutputPaths, LOCK_FILE};
+use crate::dataset::{Dataset, DatasetError, JsonlReader, OutputLock, OutputPaths, LOCK_FILE};
 use crate::inspect::{for_each_record, InspectError, Source};
 use crate::record::{fnv1a64, now_rfc3339, Failure, Record};
 use crate::resume::parse_key;
@@ -114,9 +114,8 @@ pub fn merge(dirs: &[PathBuf], out: &Path) -> Result<MergeStats, MergeError> {
     let mut failed: HashSet<u128> = HashSet::new();
     for src in &sources {
         let Some(f) = &src.failures else { continue };
-        let text = std::fs::read_to_string(f).map_err(|e| MergeError::Io(f.clone(), e))?;
-        for line in text.lines() {
-            let Ok(fail) = serde_json::from_str::<Failure>(line) else { continue };
+        for item in JsonlReader::<Failure>::open(f).map_err(|e| MergeError::Io(f.clone(), e))? {
+            let (_, Ok(fail)) = item.map_err(|e| MergeError::Io(f.clone(), e))? else { continue };
             let k = parse_key(&fail.key);
             if k.is_some_and(|k| keys.contains(&k) || !failed.insert(k)) {
                 continue;

@@ -10,11 +10,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::OutputFormat;
-use crate::dataset::{CsvFile, OutputPaths, RecordSink};
+use crate::dataset::{CsvFile, JsonlReader, OutputPaths, RecordSink};
 use crate::record::{csv_columns, Failure, Record};
 
 #[derive(Debug, thiserror::Error)]
@@ -130,30 +130,20 @@ fn save_aside(path: &Path, what: &str, bytes: &[u8]) -> Result<PathBuf, ResumeEr
 
 /// Reads a JSONL file of `T`, calling `each` with every record and its line number.
 fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, mut each: impl FnMut(T, u64)) -> Result<(), ResumeError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
+    let lines = match JsonlReader::<T>::open(path) {
+        Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(path)(e)),
     };
-    let mut r = BufReader::new(f);
-    let mut buf = Vec::new();
-    let mut line = 0;
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf).map_err(io_err(path))? == 0 {
-            return Ok(());
-        }
-        line += 1;
-        if buf.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match serde_json::from_slice::<T>(&buf) {
-            Ok(v) => each(v, line),
+    for item in lines {
+        match item.map_err(io_err(path))? {
+            (line, Ok(v)) => each(v, line),
             // An unterminated last line is torn: `load` cuts it when it may write; else it is no record.
-            Err(_) if buf.last() != Some(&b'\n') => return Ok(()),
-            Err(e) => return Err(ResumeError::BadLine { path: path.to_owned(), line, message: e.to_string() }),
+            (_, Err(bad)) if bad.torn => return Ok(()),
+            (line, Err(bad)) => return Err(ResumeError::BadLine { path: path.to_owned(), line, message: bad.error }),
         }
     }
+    Ok(())
 }
 
 /// Whether a file's last byte is not a newline (a torn last line).

@@ -18,7 +18,7 @@ use data_generator::attempt::{JobResult, Reply, Runner, Stage};
 use data_generator::backend::{Chunk, ClientError, Message, ModelClient, Request, Role, ServerInfo};
 use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
-use data_generator::manifest::{self, Manifest, RunEntry};
+use data_generator::manifest::{Manifest, RunEntry};
 use data_generator::plan::{Job, Plan, Planner, Redo};
 use data_generator::progress::{self, DisplayMode, Event, Progress};
 use data_generator::record;
@@ -197,63 +197,6 @@ fn stop_signals() -> anyhow::Result<mpsc::UnboundedReceiver<&'static str>> {
     Ok(rx)
 }
 
-fn new_manifest(cfg: &Config, server: Option<&ServerInfo>, plan: &Plan, runs: Vec<RunEntry>) -> Manifest {
-    let mut runs = runs;
-    runs.push(RunEntry {
-        started_at: record::now_rfc3339(),
-        ended_at: None,
-        status: "running".into(),
-        error: None,
-        requests: plan.to_run,
-        already_done: plan.already_done,
-        done: 0,
-        failed: 0,
-        completion_tokens: 0,
-    });
-    Manifest {
-        manifest_version: manifest::MANIFEST_VERSION,
-        tool: manifest::Tool { name: env!("CARGO_PKG_NAME").into(), version: env!("CARGO_PKG_VERSION").into() },
-        name: cfg.name().to_owned(),
-        config_path: cfg.path.display().to_string(),
-        config: config::snapshot(cfg),
-        server: manifest::Server {
-            kind: format!("{:?}", cfg.backend().kind).to_lowercase(),
-            urls: cfg.endpoints.iter().map(|e| e.url.clone()).collect(),
-            version: server.and_then(|s| s.version.clone()),
-            model: cfg.backend().model.clone(),
-            fake: server.is_some_and(|s| s.fake),
-        },
-        input: manifest::Input {
-            path: cfg.input_path.display().to_string(),
-            rows: plan.rows,
-            samples_per_prompt: cfg.run().samples_per_prompt,
-        },
-        counts: manifest::Counts {
-            requests: plan.requests,
-            already_done: plan.already_done,
-            skipped_failed: plan.skipped_failed,
-            done: 0,
-            failed: 0,
-            remaining: plan.to_run,
-        },
-        completion_tokens: 0,
-        runs,
-    }
-}
-
-/// Counts this run's progress into the manifest.
-fn tally(m: &mut Manifest, plan: &Plan, done: u64, failed: u64, tokens: u64) {
-    m.counts.done = done;
-    m.counts.failed = failed;
-    m.counts.remaining = plan.to_run.saturating_sub(done + failed);
-    m.completion_tokens = tokens;
-    if let Some(r) = m.current_run() {
-        r.done = done;
-        r.failed = failed;
-        r.completion_tokens = tokens;
-    }
-}
-
 /// The runs recorded in the folder's manifest, with a run that never recorded its end marked
 /// `killed` and given the counts the dataset holds for it. Returns them with that run's start.
 fn prior_runs(paths: &OutputPaths) -> anyhow::Result<(Vec<RunEntry>, Option<String>)> {
@@ -300,7 +243,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         for note in &prior.repairs {
             tracing::warn!("{note}");
         }
-        let mut m = new_manifest(&cfg, None, &plan, runs);
+        let mut m = Manifest::for_run(&cfg, None, &plan, runs);
         if let Some(r) = m.current_run() {
             r.ended_at = Some(record::now_rfc3339());
             r.status = "completed".into();
@@ -354,7 +297,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         tracing::warn!(option = %k, "option is not one Ollama documents; passed through as written");
     }
 
-    let mut m = new_manifest(&cfg, Some(&server), &plan, std::mem::take(&mut runs));
+    let mut m = Manifest::for_run(&cfg, Some(&server), &plan, std::mem::take(&mut runs));
     // Space for the manifest's last word should the disk fill up.
     let mut reserve = SpaceReserve::create(&paths.dir, 8192.max(2 * serde_json::to_vec_pretty(&m).map(|v| v.len()).unwrap_or(0)));
     m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
@@ -433,7 +376,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
                     break; // the writer stopped on an error: `finish` says which
                 }
                 if manifest_at.elapsed() >= Duration::from_secs(10) {
-                    tally(&mut m, &plan, done, failed, tokens);
+                    m.tally(&plan, done, failed, tokens);
                     if let Err(e) = m.write(&paths.manifest) {
                         tracing::warn!(error = %e, "cannot update the manifest");
                     }
@@ -489,7 +432,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     // What is in the files counts, not what came back: after a failed write they differ.
     let (done, failed, tokens) = (written.records, written.failures, written.tokens);
-    tally(&mut m, &plan, done, failed, tokens);
+    m.tally(&plan, done, failed, tokens);
     let error = match (write_result, fatal) {
         (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
         (Ok(()), Some(e)) => Some(e),
