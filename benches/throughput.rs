@@ -1,9 +1,11 @@
 //! Figures, not pass/fail: `cargo bench` prints how fast the real binary drives a server that
-//! answers instantly (so the client is the bottleneck), how much memory it holds, and how fast
-//! `inspect` and `export` stream a large dataset.
+//! answers instantly (so the client is the bottleneck), how much memory it holds, how fast
+//! `inspect` and `export` stream a large dataset, and what a large batch costs before its first
+//! request: the input check, a re-run of a finished dataset, a restart after a kill half-way.
 //!
-//!   cargo bench                          # defaults: 2,000 requests, 200,000-record dataset
-//!   BENCH_REQUESTS=20000 BENCH_RECORDS=1000000 cargo bench
+//!   cargo bench                          # defaults: 2,000 requests, 200,000-record dataset,
+//!                                        # resume figures at 100,000 rows
+//!   BENCH_REQUESTS=20000 BENCH_RECORDS=1000000 BENCH_RESUME_ROWS=100000,1000000 cargo bench
 
 #[path = "../tests/support/fake_ollama.rs"]
 mod fake_ollama;
@@ -12,6 +14,12 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use data_generator::config::{self, Overrides};
+use data_generator::dataset::{Dataset, OutputPaths};
+use data_generator::plan::{Planner, Redo};
+use data_generator::record::Record;
+use data_generator::resume::Prior;
 
 const BIN: &str = env!("CARGO_BIN_EXE_data_generator");
 
@@ -45,10 +53,126 @@ fn run_measured(args: &[&str], dir: &Path) -> (Duration, u64, bool) {
     (start.elapsed(), peak_kb, ok)
 }
 
+/// The peak resident memory of a process so far (VmHWM), in kB.
+fn peak_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
+
+/// Runs the binary until the fake server sees its first generation request (then stops it):
+/// the time a batch takes to get going, and the memory that took.
+fn run_until_first_request(args: &[&str], dir: &Path, fake: &fake_ollama::FakeOllama) -> (Option<Duration>, u64) {
+    let before = fake.generations().len();
+    let start = Instant::now();
+    let mut child = Command::new(BIN).args(args).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn data_generator");
+    let mut peak = 0u64;
+    let first = loop {
+        peak = peak.max(peak_kb(child.id()).unwrap_or(0));
+        if fake.generations().len() > before {
+            break Some(start.elapsed());
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    peak = peak.max(peak_kb(child.id()).unwrap_or(0));
+    let _ = child.kill();
+    let _ = child.wait();
+    (first, peak)
+}
+
+/// A batch of `rows` input rows and a config for it, in `dir`, its output in `dir/out`; the first
+/// `done` requests are written to the dataset as a finished run would have (keys and all), made
+/// by the library's own planner so that the binary takes them as done.
+fn resume_folder(dir: &Path, url: &str, rows: u64, done: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("rows.jsonl")).expect("rows"));
+    for i in 0..rows {
+        writeln!(f, "{{\"id\":\"r{i}\",\"question\":\"Question number {i}: why is the sky blue at noon?\"}}").expect("write");
+    }
+    f.flush().expect("flush");
+    drop(f);
+    std::fs::write(
+        dir.join("run.toml"),
+        format!(
+            "name = \"resume\"\n[backend]\nkind = \"ollama\"\nurl = \"{url}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
+             [prompts]\nsystem_text = \"You answer briefly.\"\ntemplate_text = \"Answer: {{{{ question }}}}\"\n\
+             [input]\npath = \"rows.jsonl\"\nid_field = \"id\"\n[run]\nconcurrency = 8\n[output]\ndir = \"out\"\n"
+        ),
+    )
+    .expect("config");
+    let _ = std::fs::remove_dir_all(dir.join("out"));
+    if done == 0 {
+        return;
+    }
+    let cfg = config::load(&dir.join("run.toml"), &Overrides::default(), None).expect("config loads");
+    let planner = Planner::new(&cfg).expect("planner");
+    let paths = OutputPaths::new(&cfg.output_dir);
+    let mut ds = Dataset::open(&paths, &cfg.raw.output.formats, false).expect("dataset");
+    let prior = Prior::default();
+    for job in planner.jobs(&prior, Redo { failed: true, truncated: false }, None).take(done as usize) {
+        let job = job.expect("job");
+        let r = Record {
+            id: job.row_id,
+            sample: job.sample,
+            model: "fake-model".into(),
+            system: job.system,
+            response: format!("An answer to {}: the light scatters, the short waves most.", job.prompt),
+            prompt: job.prompt,
+            done_reason: Some("stop".into()),
+            prompt_tokens: Some(20),
+            completion_tokens: Some(24),
+            duration_ms: 500,
+            attempts: 1,
+            finished_at: "2026-12-01T00:00:00.000Z".into(),
+            seed: job.seed,
+            key: job.key,
+            endpoint: Some(url.to_owned()),
+            input: job.input,
+            ..Record::default()
+        };
+        ds.write_record(&r).expect("write");
+    }
+    ds.sync().expect("sync");
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+/// Before the first request, at `rows` input rows: the input check alone (`check`, the server's
+/// answer included), a fresh run to its first request, a re-run of the finished dataset (nothing
+/// to do), and a restart with half of it done (a kill half-way) to its first new request.
+fn resume_figures(rows: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
+    let args = ["--config", "run.toml", "--progress", "none"];
+    resume_folder(dir.path(), &fake.url(), rows, 0);
+    let (took, peak, ok) = run_measured(&["check", "--config", "run.toml"], dir.path());
+    println!("resume {rows:>8} rows: input check (check)        {:>6.2} s, peak RSS {:>6.1} MB{}", took.as_secs_f64(), mb(peak), if ok { "" } else { "  (FAILED)" });
+    let (first, peak) = run_until_first_request(&args, dir.path(), &fake);
+    match first {
+        Some(t) => println!("resume {rows:>8} rows: fresh run, first request   {:>6.2} s, peak RSS {:>6.1} MB", t.as_secs_f64(), mb(peak)),
+        None => println!("resume {rows:>8} rows: fresh run (FAILED: ended before any request)"),
+    }
+    resume_folder(dir.path(), &fake.url(), rows, rows);
+    let (took, peak, ok) = run_measured(&args, dir.path());
+    println!("resume {rows:>8} rows: re-run, nothing to do      {:>6.2} s, peak RSS {:>6.1} MB{}", took.as_secs_f64(), mb(peak), if ok { "" } else { "  (FAILED)" });
+    resume_folder(dir.path(), &fake.url(), rows, rows / 2);
+    let (first, peak) = run_until_first_request(&args, dir.path(), &fake);
+    match first {
+        Some(t) => println!("resume {rows:>8} rows: half done, first new request {:>4.2} s, peak RSS {:>6.1} MB", t.as_secs_f64(), mb(peak)),
+        None => println!("resume {rows:>8} rows: half done (FAILED: ended before any request)"),
+    }
+}
+
 fn main() {
     let requests = env_num("BENCH_REQUESTS", 2_000);
     let records = env_num("BENCH_RECORDS", 200_000);
     let dir = tempfile::tempdir().expect("tempdir");
+    // BENCH_ONLY=generate,dataset,resume picks sections (default: all).
+    let only = std::env::var("BENCH_ONLY").ok();
+    let want = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s.trim() == section));
 
     // 1. Generation: a fake Ollama answering at once, ~80 tokens a reply, cut into small writes.
     let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
@@ -58,7 +182,7 @@ fn main() {
     }
     rows.flush().expect("flush");
     drop(rows);
-    for concurrency in [1u64, 8, 32] {
+    for concurrency in [1u64, 8, 32].into_iter().filter(|_| want("generate")) {
         let out = format!("out-c{concurrency}");
         std::fs::write(
             dir.path().join("run.toml"),
@@ -89,7 +213,20 @@ fn main() {
     drop(fake);
 
     // 2. A large dataset through inspect and export.
-    let ds = dir.path().join("big");
+    if want("dataset") {
+        dataset_figures(dir.path(), records);
+    }
+
+    // 3. Large batches before their first request.
+    let sizes = std::env::var("BENCH_RESUME_ROWS").unwrap_or_else(|_| "100000".into());
+    for rows in sizes.split(',').filter_map(|n| n.trim().parse::<u64>().ok()).filter(|_| want("resume")) {
+        resume_figures(rows);
+    }
+}
+
+/// A large dataset through inspect and export.
+fn dataset_figures(dir: &Path, records: u64) {
+    let ds = dir.join("big");
     std::fs::create_dir_all(&ds).expect("mkdir");
     let mut f = std::io::BufWriter::new(std::fs::File::create(ds.join("dataset.jsonl")).expect("dataset"));
     for i in 0..records {
@@ -107,7 +244,7 @@ fn main() {
         ("inspect", vec!["inspect", "big", "--json"]),
         ("export ", vec!["export", "big", "--format", "messages", "-o", "train.jsonl"]),
     ] {
-        let (took, peak_kb, ok) = run_measured(&args, dir.path());
+        let (took, peak_kb, ok) = run_measured(&args, dir);
         println!(
             "{name} {records} records ({size_mb:.0} MB): {:>6.2} s = {:>7.0} records/s, {:>6.1} MB/s; peak RSS {:>5.1} MB{}",
             took.as_secs_f64(),

@@ -2,7 +2,7 @@
 //! field `prompt`), read as a stream so that a million-row batch costs no more memory than one row.
 //! Every error names the file and the line.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -212,28 +212,70 @@ pub fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Remembers the ids seen so far, to reject a duplicate with both its lines.
+/// The ids of a batch, 16 bytes each whatever their length (a million rows: 16 MB, not the
+/// ~100 MB of a map of strings): a 64-bit hash of each and its line. Duplicates are found at the
+/// end, by sorting; rows whose hashes match are confirmed against their ids, read again from the
+/// input, so that two different ids never pass for one.
 #[derive(Default)]
 pub struct IdSet {
-    seen: HashMap<String, u64>,
+    entries: Vec<(u64, u64)>,
+}
+
+/// A repeated id: the line it was first on and the line that repeats it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub id: String,
+    pub first: u64,
+    pub line: u64,
 }
 
 impl IdSet {
-    /// Err with the first line that used the id.
-    pub fn insert(&mut self, id: &str, line: u64) -> Result<(), u64> {
-        match self.seen.get(id) {
-            Some(first) => Err(*first),
-            None => {
-                self.seen.insert(id.to_owned(), line);
-                Ok(())
+    pub fn push(&mut self, id: &str, line: u64) {
+        self.entries.push((crate::record::fnv1a64(&[id.as_bytes()]), line));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The duplicate whose repeat comes first in the file, if any. `ids_at` reads the ids on the
+    /// given lines (called only when some hashes match).
+    pub fn first_duplicate<E>(mut self, ids_at: impl FnOnce(&HashSet<u64>) -> Result<HashMap<u64, String>, E>) -> Result<Option<Duplicate>, E> {
+        self.entries.sort_unstable();
+        let mut lines = HashSet::new();
+        for w in self.entries.windows(2) {
+            if w[0].0 == w[1].0 {
+                lines.insert(w[0].1);
+                lines.insert(w[1].1);
             }
         }
-    }
-    pub fn len(&self) -> usize {
-        self.seen.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.seen.is_empty()
+        if lines.is_empty() {
+            return Ok(None);
+        }
+        let ids = ids_at(&lines)?;
+        // Within one hash, lines in order: the first line of each id, and its first repeat.
+        let mut best: Option<Duplicate> = None;
+        for group in self.entries.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+            let mut first_of: HashMap<&str, u64> = HashMap::new();
+            for &(_, line) in group {
+                let Some(id) = ids.get(&line) else { continue };
+                match first_of.get(id.as_str()) {
+                    None => {
+                        first_of.insert(id, line);
+                    }
+                    Some(&first) => {
+                        if best.as_ref().is_none_or(|b| line < b.line) {
+                            best = Some(Duplicate { id: id.clone(), first, line });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(best)
     }
 }
 
@@ -241,6 +283,28 @@ impl IdSet {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn id_set_finds_the_first_repeat_and_tells_colliding_ids_apart() {
+        let mut ids = IdSet::default();
+        for (id, line) in [("a", 1), ("b", 2), ("c", 3), ("b", 4), ("a", 5), ("b", 6)] {
+            ids.push(id, line);
+        }
+        let dup = ids.first_duplicate(|lines| -> Result<_, ()> {
+            let all: HashMap<u64, String> = [(1, "a"), (2, "b"), (3, "c"), (4, "b"), (5, "a"), (6, "b")].into_iter().map(|(l, i)| (l, i.to_owned())).collect();
+            Ok(lines.iter().map(|l| (*l, all[l].clone())).collect())
+        });
+        assert_eq!(dup, Ok(Some(Duplicate { id: "b".into(), first: 2, line: 4 })));
+        // No shared hash: the input is not read again.
+        let mut ids = IdSet::default();
+        ids.push("x", 1);
+        ids.push("y", 2);
+        assert_eq!(ids.first_duplicate(|_| -> Result<HashMap<u64, String>, ()> { panic!("read again") }), Ok(None));
+        // Two different ids under one hash (made to collide here) are not a duplicate.
+        let ids = IdSet { entries: vec![(7, 1), (7, 2)] };
+        let read = |_: &HashSet<u64>| -> Result<_, ()> { Ok(HashMap::from([(1, "p".to_owned()), (2, "q".to_owned())])) };
+        assert_eq!(ids.first_duplicate(read), Ok(None));
+    }
 
     fn file(ext: &str, content: &[u8]) -> tempfile::NamedTempFile {
         let mut f = tempfile::Builder::new().suffix(ext).tempfile().unwrap();

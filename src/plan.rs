@@ -6,7 +6,7 @@
 //! the counts), then streamed again by [`Planner::jobs`] as the run dispatches, so a large batch is
 //! never held in memory.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 use serde_json::{json, Map, Value};
@@ -97,6 +97,9 @@ pub struct Plan {
     pub to_run: u64,
     pub already_done: u64,
     pub skipped_failed: u64,
+    /// The input line of the first row with a request to run: rows before it are all done (or
+    /// skipped), so the run reads past them without rendering them again.
+    pub first_to_run: Option<u64>,
 }
 
 /// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
@@ -129,17 +132,18 @@ impl Planner {
         self.template.render(row).map_err(|source| PlanError::Render { path: self.cfg.input_path.clone(), source })
     }
 
-    /// Sample `sample` of a rendered row.
-    pub fn job(&self, seq: JobId, row: &Row, prompt: &str, sample: u32) -> Job {
+    /// The options (the per-sample seed in them), the seed and the key of sample `sample` of a
+    /// rendered row.
+    fn request(&self, id: &str, prompt: &str, sample: u32) -> (Map<String, Value>, Option<i64>, String) {
         let cfg = &self.cfg;
         let mut options = cfg.options().clone();
         let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
-            let derived = request::derive_seed(s, cfg.run().samples_per_prompt, &row.id, sample);
+            let derived = request::derive_seed(s, cfg.run().samples_per_prompt, id, sample);
             options.insert("seed".into(), json!(derived));
             derived
         });
         let key = RequestKey {
-            id: &row.id,
+            id,
             sample,
             model: &cfg.backend().model,
             api: &self.api,
@@ -150,6 +154,13 @@ impl Planner {
             schema: cfg.schema.as_ref().map(|s| &s.value),
         }
         .hash();
+        (options, seed, key)
+    }
+
+    /// Sample `sample` of a rendered row.
+    pub fn job(&self, seq: JobId, row: &Row, prompt: &str, sample: u32) -> Job {
+        let cfg = &self.cfg;
+        let (options, seed, key) = self.request(&row.id, prompt, sample);
         Job {
             seq,
             row_id: row.id.clone(),
@@ -180,21 +191,16 @@ impl Planner {
         let mut plan = Plan::default();
         for row in self.rows()? {
             let row = row?;
-            if let Err(first) = ids.insert(&row.id, row.line) {
-                return Err(PlanError::DuplicateId {
-                    path: cfg.input_path.clone(),
-                    line: row.line,
-                    id: row.id,
-                    first,
-                    hint: cfg.raw.input.id_field.as_ref().map(|f| format!(" (input.id_field = {f:?})")).unwrap_or_default(),
-                });
-            }
+            ids.push(&row.id, row.line);
             let prompt = self.render(&row)?;
             plan.rows += 1;
             for sample in 0..cfg.run().samples_per_prompt {
                 plan.requests += 1;
-                match verdict(prior, redo, &self.job(0, &row, &prompt, sample).key) {
-                    Verdict::Run => plan.to_run += 1,
+                match verdict(prior, redo, &self.request(&row.id, &prompt, sample).2) {
+                    Verdict::Run => {
+                        plan.to_run += 1;
+                        plan.first_to_run.get_or_insert(row.line);
+                    }
                     Verdict::AlreadyDone => plan.already_done += 1,
                     Verdict::SkipFailed => plan.skipped_failed += 1,
                 }
@@ -203,15 +209,46 @@ impl Planner {
         if plan.rows == 0 {
             return Err(PlanError::Empty { path: cfg.input_path.clone() });
         }
+        if let Some(d) = ids.first_duplicate(|lines| self.ids_at(lines))? {
+            return Err(PlanError::DuplicateId {
+                path: cfg.input_path.clone(),
+                line: d.line,
+                id: d.id,
+                first: d.first,
+                hint: cfg.raw.input.id_field.as_ref().map(|f| format!(" (input.id_field = {f:?})")).unwrap_or_default(),
+            });
+        }
         Ok(plan)
     }
 
+    /// The ids on the given lines of the input (a second read, to confirm ids whose hashes match).
+    fn ids_at(&self, lines: &HashSet<u64>) -> Result<HashMap<u64, String>, PlanError> {
+        let mut ids = HashMap::new();
+        for row in self.rows()? {
+            let row = row?;
+            if lines.contains(&row.line) {
+                ids.insert(row.line, row.id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// The jobs still to run, numbered in input order (every request counts for `seq`, so a
-    /// job's number is the same whatever is already done). An error ends the stream.
-    pub fn jobs<'a>(&'a self, prior: &'a Prior, redo: Redo) -> impl Iterator<Item = Result<Job, PlanError>> + 'a {
+    /// job's number is the same whatever is already done). Rows before the line `from` (the
+    /// plan's [`Plan::first_to_run`]) are counted, not rendered. An error ends the stream.
+    pub fn jobs<'a>(&'a self, prior: &'a Prior, redo: Redo, from: Option<u64>) -> impl Iterator<Item = Result<Job, PlanError>> + 'a {
         let samples = self.cfg.run().samples_per_prompt;
-        let rows: Box<dyn Iterator<Item = Result<(Row, String), PlanError>> + 'a> = match self.rendered() {
-            Ok(r) => Box::new(r),
+        let from = from.unwrap_or(0);
+        // A row and its prompt; None for a row before `from`.
+        let rows: Box<dyn Iterator<Item = Result<Option<(Row, String)>, PlanError>> + 'a> = match self.rows() {
+            Ok(r) => Box::new(r.map(move |row| {
+                let row = row?;
+                if row.line < from {
+                    return Ok(None);
+                }
+                let prompt = self.render(&row)?;
+                Ok(Some((row, prompt)))
+            })),
             Err(e) => Box::new(std::iter::once(Err(e))),
         };
         let mut failed = false;
@@ -226,7 +263,11 @@ impl Planner {
         .flat_map(move |r| -> Box<dyn Iterator<Item = Result<Job, PlanError>> + 'a> {
             match r {
                 Err(e) => Box::new(std::iter::once(Err(e))),
-                Ok((row, prompt)) => {
+                Ok(None) => {
+                    seq += u64::from(samples);
+                    Box::new(std::iter::empty())
+                }
+                Ok(Some((row, prompt))) => {
                     let first = seq;
                     seq += u64::from(samples);
                     Box::new((0..samples).filter_map(move |sample| {
@@ -244,7 +285,7 @@ impl Planner {
         for r in self.rendered()? {
             let (row, prompt) = r?;
             for sample in 0..self.cfg.run().samples_per_prompt {
-                keys.extend(resume::parse_key(&self.job(0, &row, &prompt, sample).key));
+                keys.extend(resume::parse_key(&self.request(&row.id, &prompt, sample).2));
             }
         }
         Ok(keys)

@@ -8,14 +8,14 @@
 //! with its exact key exists, so an edited template, another model or other options make a row
 //! run again while its old record stays in the file.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::OutputFormat;
 use crate::dataset::{CsvFile, JsonlReader, OutputPaths, RecordSink};
-use crate::record::{csv_columns, Failure, Record};
+use crate::record::{csv_columns, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
@@ -42,11 +42,69 @@ pub fn parse_key(k: &str) -> Option<u128> {
     (k.len() == 32).then(|| u128::from_str_radix(k, 16).ok()).flatten()
 }
 
+/// A set of request keys, 16 bytes each (a sorted vector: a million keys hold 16 MB, where a
+/// hash set holds twice that and more while it grows). Filled, then [`KeySet::seal`]ed once.
+#[derive(Debug, Default)]
+pub struct KeySet {
+    keys: Vec<u128>,
+}
+
+impl KeySet {
+    pub fn insert(&mut self, key: u128) {
+        self.keys.push(key);
+    }
+
+    /// Sorts and drops repeats; [`KeySet::contains`] needs it.
+    pub fn seal(&mut self) {
+        self.keys.sort_unstable();
+        self.keys.dedup();
+        self.keys.shrink_to_fit();
+    }
+
+    pub fn contains(&self, key: &u128) -> bool {
+        self.keys.binary_search(key).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+impl FromIterator<u128> for KeySet {
+    fn from_iter<I: IntoIterator<Item = u128>>(iter: I) -> KeySet {
+        let mut s = KeySet { keys: iter.into_iter().collect() };
+        s.seal();
+        s
+    }
+}
+
+/// What resume reads of a record: its key, why it ended and when (the rest of the line is
+/// skipped, not built).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct RecordHead {
+    key: String,
+    done_reason: Option<String>,
+    finished_at: String,
+}
+
+/// What resume reads of a failure.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct FailureHead {
+    key: String,
+    when: String,
+}
+
 /// What the folder held before this run.
 #[derive(Debug, Default)]
 pub struct Prior {
     /// Keys of every record in the dataset.
-    pub done: HashSet<u128>,
+    pub done: KeySet,
     /// Keys whose latest record was cut off by `num_predict` (`done_reason: length`).
     pub truncated: HashSet<u128>,
     /// Keys in `failures.jsonl` that no record has answered since.
@@ -164,8 +222,8 @@ fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>,
     let mut failures_since = 0u64;
     // RFC 3339 UTC times of one format compare as text.
     let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
-    let mut last_reason: HashMap<u128, bool> = HashMap::new();
     let mut order = order;
+    // The latest record of a key says whether it is truncated: a later whole one clears it.
     let mut note = |key: Option<u128>, truncated: bool| {
         prior.records += 1;
         if let Some(o) = order.as_deref_mut() {
@@ -173,21 +231,26 @@ fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>,
         }
         if let Some(k) = key {
             prior.done.insert(k);
-            last_reason.insert(k, truncated);
+            if truncated {
+                prior.truncated.insert(k);
+            } else if !prior.truncated.is_empty() {
+                prior.truncated.remove(&k);
+            }
         }
     };
     if csv_only {
-        for (key, _, reason) in csv_keys(&paths.csv)? {
-            note(key, reason.as_deref() == Some("length"));
+        for item in CsvKeys::open(&paths.csv)? {
+            let (key, _, truncated) = item?;
+            note(key, truncated);
         }
     } else {
-        read_jsonl::<Record>(&paths.jsonl, |r, _| {
+        read_jsonl::<RecordHead>(&paths.jsonl, |r, _| {
             records_since += u64::from(after(&r.finished_at));
             note(parse_key(&r.key), r.done_reason.as_deref() == Some("length"))
         })?;
     }
-    prior.truncated = last_reason.into_iter().filter(|(_, t)| *t).map(|(k, _)| k).collect();
-    read_jsonl::<Failure>(&paths.failures, |f, _| {
+    prior.done.seal();
+    read_jsonl::<FailureHead>(&paths.failures, |f, _| {
         failures_since += u64::from(after(&f.when));
         if let Some(k) = parse_key(&f.key) {
             prior.failed.insert(k);
@@ -233,7 +296,11 @@ fn refuse_csv_without_jsonl(paths: &OutputPaths, formats: &[OutputFormat]) -> Re
     if jsonl_len > 0 {
         return Ok(());
     }
-    let records = csv_keys(&paths.csv)?.len() as u64;
+    let mut records = 0u64;
+    for item in CsvKeys::open(&paths.csv)? {
+        item?;
+        records += 1;
+    }
     if records == 0 {
         return Ok(());
     }
@@ -263,34 +330,55 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
     Ok(prior)
 }
 
-/// Each CSV record's key, the byte offset where it ends, and its done_reason.
-#[allow(clippy::type_complexity)]
-fn csv_keys(path: &Path) -> Result<Vec<(Option<u128>, u64, Option<String>)>, ResumeError> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    let mut r = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(BufReader::new(f));
-    let header: Vec<String> = match r.headers() {
-        Ok(h) => h.iter().map(str::to_owned).collect(),
-        Err(_) => return Ok(Vec::new()),
-    };
-    // Ours, with or without a schema's columns.
-    if header != csv_columns(false) && header != csv_columns(true) {
-        return Ok(Vec::new());
+/// The records of one of our CSV files, one at a time: each one's key, the byte offset where it
+/// ends, and whether it was cut off by `num_predict` (`done_reason` `length`). Stops at the first
+/// record that is not whole (wrong column count, bad quoting). A file that is missing, empty or
+/// not ours (another header) has no records.
+struct CsvKeys {
+    reader: Option<csv::Reader<BufReader<File>>>,
+    key_col: usize,
+    reason_col: usize,
+    columns: usize,
+    rec: csv::ByteRecord,
+}
+
+impl CsvKeys {
+    fn open(path: &Path) -> Result<CsvKeys, ResumeError> {
+        let none = CsvKeys { reader: None, key_col: 0, reason_col: 0, columns: 0, rec: csv::ByteRecord::new() };
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(none),
+            Err(e) => return Err(io_err(path)(e)),
+        };
+        let mut r = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(BufReader::with_capacity(256 * 1024, f));
+        let header: Vec<String> = match r.headers() {
+            Ok(h) => h.iter().map(str::to_owned).collect(),
+            Err(_) => return Ok(none),
+        };
+        // Ours, with or without a schema's columns.
+        if header != csv_columns(false) && header != csv_columns(true) {
+            return Ok(none);
+        }
+        let col = |name: &str| header.iter().position(|c| c == name).unwrap_or(0);
+        Ok(CsvKeys { key_col: col("key"), reason_col: col("done_reason"), columns: header.len(), reader: Some(r), rec: csv::ByteRecord::new() })
     }
-    let key_col = header.iter().position(|c| *c == "key").unwrap_or(0);
-    let reason_col = header.iter().position(|c| *c == "done_reason").unwrap_or(0);
-    let mut out = Vec::new();
-    let mut rec = csv::StringRecord::new();
-    loop {
-        match r.read_record(&mut rec) {
-            Ok(true) if rec.len() == header.len() => {
-                let reason = rec.get(reason_col).filter(|s| !s.is_empty()).map(str::to_owned);
-                out.push((rec.get(key_col).and_then(parse_key), r.position().byte(), reason));
+}
+
+impl Iterator for CsvKeys {
+    type Item = Result<(Option<u128>, u64, bool), ResumeError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let r = self.reader.as_mut()?;
+        match r.read_byte_record(&mut self.rec) {
+            Ok(true) if self.rec.len() == self.columns => {
+                let key = self.rec.get(self.key_col).and_then(|k| std::str::from_utf8(k).ok()).and_then(parse_key);
+                let truncated = self.rec.get(self.reason_col) == Some(b"length".as_slice());
+                Some(Ok((key, r.position().byte(), truncated)))
             }
-            _ => return Ok(out),
+            _ => {
+                self.reader = None;
+                None
+            }
         }
     }
 }
@@ -312,8 +400,11 @@ fn csv_header_end(path: &Path, schema: Option<bool>) -> Option<u64> {
 /// Cuts a CSV file after its last complete record (terminated, with every column).
 fn cut_torn_csv(path: &Path) -> Result<Option<String>, ResumeError> {
     let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else { return Ok(None) };
-    let keys = csv_keys(path)?;
-    let mut end = keys.last().map(|k| k.1).or_else(|| csv_header_end(path, None)).unwrap_or(0);
+    let mut last_end = None;
+    for item in CsvKeys::open(path)? {
+        last_end = Some(item?.1);
+    }
+    let mut end = last_end.or_else(|| csv_header_end(path, None)).unwrap_or(0);
     if end > len {
         end = len;
     }
@@ -361,15 +452,15 @@ fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) ->
             return Ok(Some(note));
         }
         Some(h) => {
-            let keys = csv_keys(csv_path)?;
             let mut matched = 0;
             let mut keep = h;
-            for (i, (k, end, _)) in keys.iter().enumerate() {
+            for (i, item) in CsvKeys::open(csv_path)?.enumerate() {
+                let (k, end, _) = item?;
                 // A record is complete only when its line ended; the file's last byte must be a newline.
-                let terminated = *end < len || ends_with_newline(csv_path, len)?;
-                if i < order.len() && *k == Some(order[i]) && order[i] != 0 && terminated {
+                let terminated = end < len || ends_with_newline(csv_path, len)?;
+                if i < order.len() && k == Some(order[i]) && order[i] != 0 && terminated {
                     matched += 1;
-                    keep = *end;
+                    keep = end;
                 } else {
                     break;
                 }

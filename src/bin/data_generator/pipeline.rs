@@ -153,9 +153,9 @@ async fn check_endpoints(clients: &[Box<dyn ModelClient>]) -> anyhow::Result<(Ve
 
 /// The reader thread: streams the jobs still to run, rendered as they are dispatched; stops at
 /// the first error or when the receiving side is gone.
-fn spawn_reader(planner: Planner, prior: Arc<Prior>, redo: Redo, tx: mpsc::Sender<anyhow::Result<Job>>) -> std::thread::JoinHandle<()> {
+fn spawn_reader(planner: Planner, prior: Arc<Prior>, redo: Redo, from: Option<u64>, tx: mpsc::Sender<anyhow::Result<Job>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        for job in planner.jobs(&prior, redo) {
+        for job in planner.jobs(&prior, redo, from) {
             let failed = job.is_err();
             if tx.blocking_send(job.map_err(anyhow::Error::from)).is_err() || failed {
                 return;
@@ -313,7 +313,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let concurrency: usize = cfg.endpoints.iter().map(|e| e.concurrency).sum();
     let (job_tx, mut job_rx) = mpsc::channel::<anyhow::Result<Job>>(concurrency * 2);
     let prior = Arc::new(prior);
-    let reader = spawn_reader(planner, prior, opts.redo, job_tx);
+    let reader = spawn_reader(planner, prior, opts.redo, plan.first_to_run, job_tx);
 
     let stop = CancellationToken::new();
     let ctx = Runner::new(clients, &cfg, &down, progress.clone(), stop.clone());
