@@ -6,6 +6,7 @@
 //!   cargo bench                          # defaults: 2,000 requests, 200,000-record dataset,
 //!                                        # resume figures at 100,000 rows
 //!   BENCH_REQUESTS=20000 BENCH_RECORDS=1000000 BENCH_RESUME_ROWS=100000,1000000 cargo bench
+//!   BENCH_ONLY=resume BENCH_KEEP=1 cargo bench   # one section; keep the resume folder to profile
 
 #[path = "../tests/support/fake_ollama.rs"]
 mod fake_ollama;
@@ -163,6 +164,10 @@ fn resume_figures(rows: u64) {
     match first {
         Some(t) => println!("resume {rows:>8} rows: half done, first new request {:>4.2} s, peak RSS {:>6.1} MB", t.as_secs_f64(), mb(peak)),
         None => println!("resume {rows:>8} rows: half done (FAILED: ended before any request)"),
+    }
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        // The half-done folder, its input and config, to profile by hand.
+        println!("resume {rows:>8} rows: kept in {}", dir.keep().display());
     }
 }
 

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::input::{IdSet, InputError, Row, RowReader};
 use crate::progress::JobId;
 use crate::request::{self, RequestKey};
-use crate::resume::{self, Prior};
+use crate::resume::Prior;
 use crate::template::{PromptTemplate, TemplateError};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +78,8 @@ pub enum Verdict {
     SkipFailed,
 }
 
-pub fn verdict(prior: &Prior, redo: Redo, key: &str) -> Verdict {
-    let Some(k) = resume::parse_key(key) else { return Verdict::Run };
+/// The verdict of the request with key `k` (see [`crate::resume::parse_key`]).
+pub fn verdict(prior: &Prior, redo: Redo, k: u128) -> Verdict {
     if prior.done.contains(&k) && !(redo.truncated && prior.truncated.contains(&k)) {
         Verdict::AlreadyDone
     } else if !redo.failed && prior.failed.contains(&k) {
@@ -101,6 +101,9 @@ pub struct Plan {
     /// skipped), so the run reads past them without rendering them again.
     pub first_to_run: Option<u64>,
 }
+
+/// A row and its prompt, or None for a row the run reads past (all its requests done).
+type RowToRun = Result<Option<(Row, String)>, PlanError>;
 
 /// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
 pub struct Planner {
@@ -134,7 +137,7 @@ impl Planner {
 
     /// The options (the per-sample seed in them), the seed and the key of sample `sample` of a
     /// rendered row.
-    fn request(&self, id: &str, prompt: &str, sample: u32) -> (Map<String, Value>, Option<i64>, String) {
+    fn request(&self, id: &str, prompt: &str, sample: u32) -> (Map<String, Value>, Option<i64>, u128) {
         let cfg = &self.cfg;
         let mut options = cfg.options().clone();
         let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
@@ -153,24 +156,27 @@ impl Planner {
             think: cfg.backend().think.as_ref(),
             schema: cfg.schema.as_ref().map(|s| &s.value),
         }
-        .hash();
+        .value();
         (options, seed, key)
     }
 
     /// Sample `sample` of a rendered row.
     pub fn job(&self, seq: JobId, row: &Row, prompt: &str, sample: u32) -> Job {
-        let cfg = &self.cfg;
-        let (options, seed, key) = self.request(&row.id, prompt, sample);
+        self.job_of(seq, row, prompt, sample, self.request(&row.id, prompt, sample))
+    }
+
+    /// The job of a request whose options, seed and key are known.
+    fn job_of(&self, seq: JobId, row: &Row, prompt: &str, sample: u32, (options, seed, key): (Map<String, Value>, Option<i64>, u128)) -> Job {
         Job {
             seq,
             row_id: row.id.clone(),
             sample,
-            system: cfg.system.clone(),
+            system: self.cfg.system.clone(),
             prompt: prompt.to_owned(),
             input: row.fields.clone(),
             options,
             seed,
-            key,
+            key: format!("{key:032x}"),
         }
     }
 
@@ -185,6 +191,8 @@ impl Planner {
     }
 
     /// Reads every row once: ids unique, every row renders, each request's verdict counted.
+    /// (One thread: spreading rendering over threads was measured slower here, the rows'
+    /// allocations freed on other threads costing more than the work shared.)
     pub fn check(&self, prior: &Prior, redo: Redo) -> Result<Plan, PlanError> {
         let cfg = &self.cfg;
         let mut ids = IdSet::default();
@@ -192,19 +200,7 @@ impl Planner {
         for row in self.rows()? {
             let row = row?;
             ids.push(&row.id, row.line);
-            let prompt = self.render(&row)?;
-            plan.rows += 1;
-            for sample in 0..cfg.run().samples_per_prompt {
-                plan.requests += 1;
-                match verdict(prior, redo, &self.request(&row.id, &prompt, sample).2) {
-                    Verdict::Run => {
-                        plan.to_run += 1;
-                        plan.first_to_run.get_or_insert(row.line);
-                    }
-                    Verdict::AlreadyDone => plan.already_done += 1,
-                    Verdict::SkipFailed => plan.skipped_failed += 1,
-                }
-            }
+            self.count(&row, prior, redo, &mut plan)?;
         }
         if plan.rows == 0 {
             return Err(PlanError::Empty { path: cfg.input_path.clone() });
@@ -219,6 +215,26 @@ impl Planner {
             });
         }
         Ok(plan)
+    }
+
+    /// Renders a row and counts the verdicts of its requests.
+    fn count(&self, row: &Row, prior: &Prior, redo: Redo, plan: &mut Plan) -> Result<(), PlanError> {
+        let prompt = self.render(row)?;
+        plan.rows += 1;
+        for sample in 0..self.cfg.run().samples_per_prompt {
+            plan.requests += 1;
+            match verdict(prior, redo, self.request(&row.id, &prompt, sample).2) {
+                Verdict::Run => {
+                    plan.to_run += 1;
+                    if plan.first_to_run.is_none_or(|l| row.line < l) {
+                        plan.first_to_run = Some(row.line);
+                    }
+                }
+                Verdict::AlreadyDone => plan.already_done += 1,
+                Verdict::SkipFailed => plan.skipped_failed += 1,
+            }
+        }
+        Ok(())
     }
 
     /// The ids on the given lines of the input (a second read, to confirm ids whose hashes match).
@@ -240,7 +256,7 @@ impl Planner {
         let samples = self.cfg.run().samples_per_prompt;
         let from = from.unwrap_or(0);
         // A row and its prompt; None for a row before `from`.
-        let rows: Box<dyn Iterator<Item = Result<Option<(Row, String)>, PlanError>> + 'a> = match self.rows() {
+        let rows: Box<dyn Iterator<Item = RowToRun> + 'a> = match self.rows() {
             Ok(r) => Box::new(r.map(move |row| {
                 let row = row?;
                 if row.line < from {
@@ -271,8 +287,9 @@ impl Planner {
                     let first = seq;
                     seq += u64::from(samples);
                     Box::new((0..samples).filter_map(move |sample| {
-                        let job = self.job(first + u64::from(sample) + 1, &row, &prompt, sample);
-                        (verdict(prior, redo, &job.key) == Verdict::Run).then_some(Ok(job))
+                        let request = self.request(&row.id, &prompt, sample);
+                        (verdict(prior, redo, request.2) == Verdict::Run)
+                            .then(|| Ok(self.job_of(first + u64::from(sample) + 1, &row, &prompt, sample, request)))
                     }))
                 }
             }
@@ -285,7 +302,7 @@ impl Planner {
         for r in self.rendered()? {
             let (row, prompt) = r?;
             for sample in 0..self.cfg.run().samples_per_prompt {
-                keys.extend(resume::parse_key(&self.request(&row.id, &prompt, sample).2));
+                keys.insert(self.request(&row.id, &prompt, sample).2);
             }
         }
         Ok(keys)

@@ -130,12 +130,28 @@ impl RequestKey<'_> {
         serde_json::to_vec(&c).unwrap_or_default()
     }
 
-    /// 32 hex digits: two 64-bit hashes of the canonical bytes.
-    pub fn hash(&self) -> String {
+    /// The key as a number: two 64-bit hashes of the canonical bytes, `fnv1a64([canon])` and
+    /// `splitmix64(fnv1a64(["k2", canon]))`, computed in one pass (two independent chains, so
+    /// the second costs little).
+    pub fn value(&self) -> u128 {
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
         let canon = self.canonical();
-        let a = fnv1a64(&[&canon]);
-        let b = splitmix64(fnv1a64(&[b"k2", &canon]));
-        format!("{a:016x}{b:016x}")
+        let mut a: u64 = fnv1a64(&[]);
+        // The state of the second hash after its first part ("k2" and the part separator).
+        let mut b = b"k2".iter().fold(a, |h, x| (h ^ u64::from(*x)).wrapping_mul(PRIME));
+        b = (b ^ 0xff).wrapping_mul(PRIME);
+        for x in &canon {
+            a = (a ^ u64::from(*x)).wrapping_mul(PRIME);
+            b = (b ^ u64::from(*x)).wrapping_mul(PRIME);
+        }
+        a = (a ^ 0xff).wrapping_mul(PRIME);
+        b = (b ^ 0xff).wrapping_mul(PRIME);
+        (u128::from(a) << 64) | u128::from(splitmix64(b))
+    }
+
+    /// 32 hex digits (see [`RequestKey::value`]).
+    pub fn hash(&self) -> String {
+        format!("{:032x}", self.value())
     }
 }
 
@@ -183,6 +199,9 @@ mod tests {
         let schema = serde_json::json!({"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}});
         let base = RequestKey { id: "1", sample: 0, model: "m", api: "chat", system: Some("s \"q\" 日本"), prompt: "p\n🎉", options: &o, think: None, schema: None };
         let k = base.hash();
+        // The one-pass form is the two hashes as first written.
+        let canon = base.canonical();
+        assert_eq!(k, format!("{:016x}{:016x}", fnv1a64(&[&canon]), splitmix64(fnv1a64(&[b"k2", &canon]))));
         assert_eq!(k.len(), 32);
         // Byte for byte what datasets written before hold (tests/fixtures/pre-schema checks it end to end).
         for v in [
