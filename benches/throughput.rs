@@ -28,30 +28,43 @@ fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Runs the binary, sampling its peak resident memory from /proc while it runs.
-fn run_measured(args: &[&str], dir: &Path) -> (Duration, u64, bool) {
+/// What one run of the binary cost.
+struct Measured {
+    took: Duration,
+    /// User and system CPU time of the process (from wait4's rusage).
+    cpu: Duration,
+    peak_kb: u64,
+    ok: bool,
+}
+
+/// Runs the binary, sampling its peak resident memory from /proc while it runs, and reaping it
+/// with wait4 for its CPU time.
+fn run_measured(args: &[&str], dir: &Path) -> Measured {
     let start = Instant::now();
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn data_generator");
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0u64;
-    let ok = loop {
-        if let Ok(s) = std::fs::read_to_string(&status_path) {
-            if let Some(kb) = s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()) {
-                peak_kb = peak_kb.max(kb);
-            }
+    let pid = child.id() as libc::pid_t;
+    let mut peak = 0u64;
+    loop {
+        peak = peak.max(peak_kb(child.id()).unwrap_or(0));
+        let mut status = 0;
+        // SAFETY: a plain syscall on our own child, with out-pointers to locals.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+            let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
+            let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            return Measured { took: start.elapsed(), cpu, peak_kb: peak.max(usage.ru_maxrss as u64), ok };
         }
-        if let Ok(Some(status)) = child.try_wait() {
-            break status.success();
-        }
+        assert!(r == 0, "wait4 failed: {}", std::io::Error::last_os_error());
         std::thread::sleep(Duration::from_millis(5));
-    };
-    (start.elapsed(), peak_kb, ok)
+    }
 }
 
 /// The peak resident memory of a process so far (VmHWM), in kB.
@@ -149,7 +162,7 @@ fn resume_figures(rows: u64) {
     let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
     let args = ["--config", "run.toml", "--progress", "none"];
     resume_folder(dir.path(), &fake.url(), rows, 0);
-    let (took, peak, ok) = run_measured(&["check", "--config", "run.toml"], dir.path());
+    let Measured { took, peak_kb: peak, ok, .. } = run_measured(&["check", "--config", "run.toml"], dir.path());
     println!("resume {rows:>8} rows: input check (check)        {:>6.2} s, peak RSS {:>6.1} MB{}", took.as_secs_f64(), mb(peak), if ok { "" } else { "  (FAILED)" });
     let (first, peak) = run_until_first_request(&args, dir.path(), &fake);
     match first {
@@ -157,7 +170,7 @@ fn resume_figures(rows: u64) {
         None => println!("resume {rows:>8} rows: fresh run (FAILED: ended before any request)"),
     }
     resume_folder(dir.path(), &fake.url(), rows, rows);
-    let (took, peak, ok) = run_measured(&args, dir.path());
+    let Measured { took, peak_kb: peak, ok, .. } = run_measured(&args, dir.path());
     println!("resume {rows:>8} rows: re-run, nothing to do      {:>6.2} s, peak RSS {:>6.1} MB{}", took.as_secs_f64(), mb(peak), if ok { "" } else { "  (FAILED)" });
     resume_folder(dir.path(), &fake.url(), rows, rows / 2);
     let (first, peak) = run_until_first_request(&args, dir.path(), &fake);
@@ -187,32 +200,40 @@ fn main() {
     }
     rows.flush().expect("flush");
     drop(rows);
-    for concurrency in [1u64, 8, 32].into_iter().filter(|_| want("generate")) {
-        let out = format!("out-c{concurrency}");
+    // Both wire formats, the live display off and on (bars, drawn to stderr as on a terminal:
+    // it redraws as often as it would), several requests in flight. CPU is the process's own
+    // (user + system), so the figures hold on a busy machine too.
+    let runs = [("ollama", "none"), ("ollama", "bars"), ("openai", "none"), ("openai", "bars")];
+    for ((kind, display), concurrency) in runs.iter().flat_map(|r| [1u64, 8, 32].map(|c| (*r, c))).filter(|_| want("generate")) {
+        let out = format!("out-{kind}-{display}-c{concurrency}");
+        let url = if kind == "openai" { format!("{}/v1", fake.url()) } else { fake.url() };
         std::fs::write(
             dir.path().join("run.toml"),
             format!(
-                "name = \"bench\"\n[backend]\nkind = \"ollama\"\nurl = \"{}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
+                "name = \"bench\"\n[backend]\nkind = \"{kind}\"\nurl = \"{url}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
                  [prompts]\ntemplate_text = \"{{{{ question }}}}\"\n[input]\npath = \"rows.jsonl\"\nid_field = \"id\"\n\
-                 [run]\nconcurrency = {concurrency}\n[output]\ndir = \"{out}\"\n",
-                fake.url()
+                 [run]\nconcurrency = {concurrency}\n[output]\ndir = \"{out}\"\n"
             ),
         )
         .expect("config");
-        let (took, peak_kb, ok) = run_measured(&["--config", "run.toml", "--progress", "none"], dir.path());
+        let m = run_measured(&["--config", "run.toml", "--progress", display], dir.path());
         let text = std::fs::read_to_string(dir.path().join(&out).join("dataset.jsonl")).unwrap_or_default();
         let tokens: u64 = text
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter_map(|r| r["completion_tokens"].as_u64())
             .sum();
+        let secs = m.took.as_secs_f64();
+        let cpu_us = m.cpu.as_secs_f64() * 1e6;
         println!(
-            "generate  concurrency {concurrency:>2}: {requests} requests in {:>6.2} s = {:>7.0} req/s, {:>8.0} tokens/s streamed; peak RSS {:>5.1} MB{}",
-            took.as_secs_f64(),
-            requests as f64 / took.as_secs_f64(),
-            tokens as f64 / took.as_secs_f64(),
-            peak_kb as f64 / 1024.0,
-            if ok { "" } else { "  (FAILED)" }
+            "generate {kind:<6} display {display:<4} concurrency {concurrency:>2}: {requests} requests in {secs:>6.2} s = {:>5.0} req/s, {:>6.0} tokens/s; \
+             CPU {:>5.1} us/token, {:>5.0} us/request; peak RSS {:>5.1} MB{}",
+            requests as f64 / secs,
+            tokens as f64 / secs,
+            cpu_us / tokens.max(1) as f64,
+            cpu_us / requests.max(1) as f64,
+            m.peak_kb as f64 / 1024.0,
+            if m.ok { "" } else { "  (FAILED)" }
         );
     }
     drop(fake);
@@ -249,7 +270,7 @@ fn dataset_figures(dir: &Path, records: u64) {
         ("inspect", vec!["inspect", "big", "--json"]),
         ("export ", vec!["export", "big", "--format", "messages", "-o", "train.jsonl"]),
     ] {
-        let (took, peak_kb, ok) = run_measured(&args, dir);
+        let Measured { took, peak_kb, ok, .. } = run_measured(&args, dir);
         println!(
             "{name} {records} records ({size_mb:.0} MB): {:>6.2} s = {:>7.0} records/s, {:>6.1} MB/s; peak RSS {:>5.1} MB{}",
             took.as_secs_f64(),

@@ -103,6 +103,23 @@ async fn get_student_response(
     Err(ClientError::Truncated)
 }
 
+/// A spawned task that is aborted when its handle is dropped (a run that stops abandons its
+/// requests in flight).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A client per endpoint.
 fn clients(cfg: &Config) -> anyhow::Result<Vec<Box<dyn ModelClient>>> {
     cfg.endpoints
@@ -329,16 +346,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         }
     });
     let job_ctx = ctx.clone();
+    // Each request is a task of its own on the runtime's worker threads (polled where its
+    // connection's data arrives, not all on this thread); dropping `results` aborts those in flight.
     let mut results = jobs
         .map(move |job| {
             let ctx = job_ctx.clone();
             let stage = stage.clone();
-            async move {
+            let task = AbortOnDrop(tokio::spawn(async move {
                 match job {
                     Ok(job) => Ok(ctx.run_job(stage.as_ref(), job).await),
                     Err(e) => Err(e),
                 }
-            }
+            }));
+            async move { task.await.unwrap_or_else(|e| Err(anyhow::anyhow!("a request's task ended without a result: {e}"))) }
         })
         .buffer_unordered(concurrency);
 
