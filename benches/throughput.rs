@@ -39,6 +39,7 @@ struct Measured {
 
 /// Runs the binary, sampling its peak resident memory from /proc while it runs, and reaping it
 /// with wait4 for its CPU time.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child does not know of
 fn run_measured(args: &[&str], dir: &Path) -> Measured {
     let start = Instant::now();
     let child = Command::new(BIN)
