@@ -68,6 +68,62 @@ fn run_measured(args: &[&str], dir: &Path) -> Measured {
     }
 }
 
+/// The pinned official Python clients, in a virtualenv of the bench's own (made once, in the
+/// same cache as the real-model server's): the interpreter's path.
+fn python_venv() -> Result<std::path::PathBuf, String> {
+    let cache = std::env::var_os("DATA_GENERATOR_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/data_generator")))
+        .ok_or("no HOME")?;
+    let venv = cache.join("venv-bench");
+    let python = venv.join("bin/python");
+    let pins = ["ollama==0.6.3", "openai==3.57.0"];
+    let stamp = venv.join(format!(".installed-{}", pins.join("-")));
+    if stamp.exists() {
+        return Ok(python);
+    }
+    eprintln!("bench: installing {} into {} (once)", pins.join(" "), venv.display());
+    let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
+    if !ok(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
+        return Err("python3 -m venv failed".into());
+    }
+    if !ok(Command::new(venv.join("bin/pip")).args(["install", "--quiet", "--disable-pip-version-check"]).args(pins)) {
+        return Err(format!("pip install {} failed (it needs PyPI)", pins.join(" ")));
+    }
+    std::fs::write(&stamp, b"").map_err(|e| e.to_string())?;
+    Ok(python)
+}
+
+/// One run of benches/python_clients.py, printed in the shape of data_generator's lines.
+fn python_figures(python: &Path, dir: &Path, kind: &str, client: &str, url: &str, concurrency: u64) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/python_clients.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--kind", kind, "--url", url, "--rows", "rows.jsonl", "--out", "py-out.jsonl", "--concurrency"])
+        .arg(concurrency.to_string())
+        .current_dir(dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run python");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
+    if !out.status.success() || num("requests") == 0.0 {
+        println!("generate python {kind} {client} concurrency {concurrency:>2}: FAILED ({})", out.status);
+        return;
+    }
+    let (requests, tokens, secs, cpu_us) = (num("requests"), num("tokens"), num("secs"), num("cpu_secs") * 1e6);
+    println!(
+        "generate {:<19} concurrency {concurrency:>2}: {requests} requests in {secs:>6.2} s = {:>5.0} req/s, {:>6.0} tokens/s; \
+         CPU {:>5.1} us/token, {:>5.0} us/request; peak RSS {:>5.1} MB",
+        format!("py {client}"),
+        requests / secs,
+        tokens / secs,
+        cpu_us / tokens.max(1.0),
+        cpu_us / requests.max(1.0),
+        num("peak_kb") / 1024.0
+    );
+}
+
 /// The peak resident memory of a process so far (VmHWM), in kB.
 fn peak_kb(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -236,6 +292,19 @@ fn main() {
             m.peak_kb as f64 / 1024.0,
             if m.ok { "" } else { "  (FAILED)" }
         );
+    }
+    // The same job with the official Python clients, as users write it by hand.
+    if want("generate") {
+        match python_venv() {
+            Err(e) => println!("generate python: skipped ({e})"),
+            Ok(python) => {
+                for (kind, client) in [("ollama", "AsyncClient"), ("openai", "AsyncOpenAI")] {
+                    for concurrency in [1u64, 8, 32] {
+                        python_figures(&python, dir.path(), kind, client, &fake.url(), concurrency);
+                    }
+                }
+            }
+        }
     }
     drop(fake);
 
