@@ -7,6 +7,7 @@
 //!                                        # resume figures at 100,000 rows
 //!   BENCH_REQUESTS=20000 BENCH_RECORDS=1000000 BENCH_RESUME_ROWS=100000,1000000 cargo bench
 //!   BENCH_ONLY=resume BENCH_KEEP=1 cargo bench   # one section; keep the resume folder to profile
+//!   BENCH_SERVE=1 cargo bench                    # only the fake server, to profile the binary by hand
 
 #[path = "../tests/support/fake_ollama.rs"]
 mod fake_ollama;
@@ -242,6 +243,14 @@ fn resume_figures(rows: u64) {
 }
 
 fn main() {
+    if std::env::var_os("BENCH_SERVE").is_some() {
+        // Only the fake server, until killed: to drive and profile the binary by hand.
+        let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
+        println!("fake server on {} (Ollama) and {}/v1 (OpenAI-compatible); Ctrl-C stops it", fake.url(), fake.url());
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     let requests = env_num("BENCH_REQUESTS", 2_000);
     let records = env_num("BENCH_RECORDS", 200_000);
     let dir = tempfile::tempdir().expect("tempdir");
