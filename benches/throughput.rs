@@ -62,7 +62,8 @@ fn run_measured(args: &[&str], dir: &Path) -> Measured {
             let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
             let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
             let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-            return Measured { took: start.elapsed(), cpu, peak_kb: peak.max(usage.ru_maxrss as u64), ok };
+            // (Not ru_maxrss: it counts the bench's own pages that the child held between fork and exec.)
+            return Measured { took: start.elapsed(), cpu, peak_kb: peak, ok };
         }
         assert!(r == 0, "wait4 failed: {}", std::io::Error::last_os_error());
         std::thread::sleep(Duration::from_millis(5));
