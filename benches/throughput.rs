@@ -70,73 +70,6 @@ fn run_measured(args: &[&str], dir: &Path) -> Measured {
     }
 }
 
-/// The fake server alone, driven by a raw client that parses nothing (four connections at a
-/// time, from threads of this process): what it can serve, so that the generation figures below
-/// are known not to be its limit.
-fn fake_capacity(fake: &fake_ollama::FakeOllama, requests: u64) {
-    use std::io::Read;
-    const THREADS: u64 = 4;
-    let addr = fake.addr;
-    let start = Instant::now();
-    let handles: Vec<_> = (0..THREADS)
-        .map(|t| {
-            std::thread::spawn(move || -> std::io::Result<(u64, u64)> {
-                let (mut done, mut tokens) = (0u64, 0u64);
-                let mut buf = Vec::new();
-                for i in 0..requests / THREADS {
-                    let body = format!(
-                        r#"{{"model":"fake-model","messages":[{{"role":"user","content":"Capacity {t}-{i}: why?"}}],"stream":true,"options":{{"seed":1}}}}"#
-                    );
-                    let mut s = std::net::TcpStream::connect(addr)?;
-                    write!(s, "POST /api/chat HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
-                    buf.clear();
-                    s.read_to_end(&mut buf)?;
-                    // One NDJSON line per token, each with "done":false, in a chunked body.
-                    let body = dechunk(&buf);
-                    tokens += body.windows(12).filter(|w| *w == b"\"done\":false").count() as u64;
-                    done += 1;
-                }
-                Ok((done, tokens))
-            })
-        })
-        .collect();
-    let (mut done, mut tokens) = (0u64, 0u64);
-    for h in handles {
-        match h.join().expect("capacity thread") {
-            Ok((d, t)) => {
-                done += d;
-                tokens += t;
-            }
-            Err(e) => {
-                println!("generate fake server alone: FAILED ({e})");
-                return;
-            }
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "generate fake server alone (a raw client, {THREADS} at a time): {done} requests in {secs:>6.2} s = {:>5.0} req/s, {:>6.0} tokens/s",
-        done as f64 / secs,
-        tokens as f64 / secs
-    );
-}
-
-/// The body of an HTTP/1.1 response with `Transfer-Encoding: chunked` (as much as is whole).
-fn dechunk(response: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    let Some(mut at) = response.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4) else { return out };
-    while let Some(eol) = response[at..].windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&response[at..at + eol]).ok().and_then(|h| usize::from_str_radix(h.trim(), 16).ok()).unwrap_or(0);
-        let start = at + eol + 2;
-        if size == 0 || start + size > response.len() {
-            break;
-        }
-        out.extend_from_slice(&response[start..start + size]);
-        at = start + size + 2;
-    }
-    out
-}
-
 /// The pinned official Python clients, in a virtualenv of the bench's own (made once, in the
 /// same cache as the real-model server's): the interpreter's path.
 fn python_venv() -> Result<std::path::PathBuf, String> {
@@ -334,9 +267,6 @@ fn main() {
     }
     rows.flush().expect("flush");
     drop(rows);
-    if want("generate") {
-        fake_capacity(&fake, requests);
-    }
     // Both wire formats, the live display off and on (bars, drawn to stderr as on a terminal:
     // it redraws as often as it would), several requests in flight. CPU is the process's own
     // (user + system), so the figures hold on a busy machine too.
