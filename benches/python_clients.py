@@ -23,63 +23,67 @@ def cpu_secs():
     return u.ru_utime + u.ru_stime
 
 
-async def run_ollama(url, rows, concurrency, out):
+async def run(rows, concurrency, out, reply):
+    """The loop users write: at most `concurrency` replies at once, each streamed by
+    `reply(row)` into (text, completion tokens), one JSON line written per record."""
+    sem = asyncio.Semaphore(concurrency)
+    tokens = 0
+
+    async def one(row):
+        nonlocal tokens
+        async with sem:
+            text, n = await reply(row)
+            tokens += n
+            out.write(json.dumps({"id": row["id"], "prompt": row["question"], "response": text}) + "\n")
+            out.flush()
+
+    await asyncio.gather(*(one(r) for r in rows))
+    return tokens
+
+
+def ollama_reply(url):
     from ollama import AsyncClient
 
     client = AsyncClient(host=url)
-    sem = asyncio.Semaphore(concurrency)
-    tokens = 0
 
-    async def one(row):
-        nonlocal tokens
-        async with sem:
-            parts = []
-            last = None
-            stream = await client.chat(
-                model="fake-model",
-                messages=[{"role": "user", "content": row["question"]}],
-                stream=True,
-                options={"seed": 1},
-            )
-            async for part in stream:
-                parts.append(part.message.content or "")
-                last = part
-            tokens += (last.eval_count or 0) if last is not None else 0
-            out.write(json.dumps({"id": row["id"], "prompt": row["question"], "response": "".join(parts)}) + "\n")
-            out.flush()
+    async def reply(row):
+        parts, last = [], None
+        stream = await client.chat(
+            model="fake-model",
+            messages=[{"role": "user", "content": row["question"]}],
+            stream=True,
+            options={"seed": 1},
+        )
+        async for part in stream:
+            parts.append(part.message.content or "")
+            last = part
+        return "".join(parts), (last.eval_count or 0) if last is not None else 0
 
-    await asyncio.gather(*(one(r) for r in rows))
-    return tokens
+    return reply
 
 
-async def run_openai(url, rows, concurrency, out):
+def openai_reply(url):
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-    sem = asyncio.Semaphore(concurrency)
-    tokens = 0
 
-    async def one(row):
-        nonlocal tokens
-        async with sem:
-            parts = []
-            stream = await client.chat.completions.create(
-                model="fake-model",
-                messages=[{"role": "user", "content": row["question"]}],
-                stream=True,
-                stream_options={"include_usage": True},
-                seed=1,
-            )
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    parts.append(chunk.choices[0].delta.content)
-                if chunk.usage is not None:
-                    tokens += chunk.usage.completion_tokens or 0
-            out.write(json.dumps({"id": row["id"], "prompt": row["question"], "response": "".join(parts)}) + "\n")
-            out.flush()
+    async def reply(row):
+        parts, tokens = [], 0
+        stream = await client.chat.completions.create(
+            model="fake-model",
+            messages=[{"role": "user", "content": row["question"]}],
+            stream=True,
+            stream_options={"include_usage": True},
+            seed=1,
+        )
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                tokens += chunk.usage.completion_tokens or 0
+        return "".join(parts), tokens
 
-    await asyncio.gather(*(one(r) for r in rows))
-    return tokens
+    return reply
 
 
 def main():
@@ -92,15 +96,11 @@ def main():
     a = ap.parse_args()
     with open(a.rows) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    # Import before the clock starts.
-    if a.kind == "ollama":
-        import ollama  # noqa: F401
-    else:
-        import openai  # noqa: F401
-    run = run_ollama if a.kind == "ollama" else run_openai
+    # The client is imported and made before the clock starts.
+    reply = (ollama_reply if a.kind == "ollama" else openai_reply)(a.url)
     with open(a.out, "w") as out:
         cpu0, t0 = cpu_secs(), time.monotonic()
-        tokens = asyncio.run(run(a.url, rows, a.concurrency, out))
+        tokens = asyncio.run(run(rows, a.concurrency, out, reply))
         secs, cpu = time.monotonic() - t0, cpu_secs() - cpu0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"requests": len(rows), "tokens": tokens, "secs": secs, "cpu_secs": cpu, "peak_kb": peak_kb}))

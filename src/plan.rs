@@ -191,8 +191,6 @@ impl Planner {
     }
 
     /// Reads every row once: ids unique, every row renders, each request's verdict counted.
-    /// (One thread: spreading rendering over threads was measured slower here, the rows'
-    /// allocations freed on other threads costing more than the work shared.)
     pub fn check(&self, prior: &Prior, redo: Redo) -> Result<Plan, PlanError> {
         let cfg = &self.cfg;
         let mut ids = IdSet::default();
@@ -226,9 +224,7 @@ impl Planner {
             match verdict(prior, redo, self.request(&row.id, &prompt, sample).2) {
                 Verdict::Run => {
                     plan.to_run += 1;
-                    if plan.first_to_run.is_none_or(|l| row.line < l) {
-                        plan.first_to_run = Some(row.line);
-                    }
+                    plan.first_to_run.get_or_insert(row.line);
                 }
                 Verdict::AlreadyDone => plan.already_done += 1,
                 Verdict::SkipFailed => plan.skipped_failed += 1,

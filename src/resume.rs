@@ -64,22 +64,6 @@ impl KeySet {
     pub fn contains(&self, key: &u128) -> bool {
         self.keys.binary_search(key).is_ok()
     }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
-}
-
-impl FromIterator<u128> for KeySet {
-    fn from_iter<I: IntoIterator<Item = u128>>(iter: I) -> KeySet {
-        let mut s = KeySet { keys: iter.into_iter().collect() };
-        s.seal();
-        s
-    }
 }
 
 /// What resume reads of a record: its key, why it ended and when (the rest of the line is
@@ -239,8 +223,7 @@ fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>,
         }
     };
     if csv_only {
-        for item in CsvKeys::open(&paths.csv)? {
-            let (key, _, truncated) = item?;
+        for (key, _, truncated) in CsvKeys::open(&paths.csv)? {
             note(key, truncated);
         }
     } else {
@@ -296,11 +279,7 @@ fn refuse_csv_without_jsonl(paths: &OutputPaths, formats: &[OutputFormat]) -> Re
     if jsonl_len > 0 {
         return Ok(());
     }
-    let mut records = 0u64;
-    for item in CsvKeys::open(&paths.csv)? {
-        item?;
-        records += 1;
-    }
+    let records = CsvKeys::open(&paths.csv)?.count() as u64;
     if records == 0 {
         return Ok(());
     }
@@ -365,7 +344,7 @@ impl CsvKeys {
 }
 
 impl Iterator for CsvKeys {
-    type Item = Result<(Option<u128>, u64, bool), ResumeError>;
+    type Item = (Option<u128>, u64, bool);
 
     fn next(&mut self) -> Option<Self::Item> {
         let r = self.reader.as_mut()?;
@@ -373,7 +352,7 @@ impl Iterator for CsvKeys {
             Ok(true) if self.rec.len() == self.columns => {
                 let key = self.rec.get(self.key_col).and_then(|k| std::str::from_utf8(k).ok()).and_then(parse_key);
                 let truncated = self.rec.get(self.reason_col) == Some(b"length".as_slice());
-                Some(Ok((key, r.position().byte(), truncated)))
+                Some((key, r.position().byte(), truncated))
             }
             _ => {
                 self.reader = None;
@@ -400,11 +379,7 @@ fn csv_header_end(path: &Path, schema: Option<bool>) -> Option<u64> {
 /// Cuts a CSV file after its last complete record (terminated, with every column).
 fn cut_torn_csv(path: &Path) -> Result<Option<String>, ResumeError> {
     let Ok(len) = std::fs::metadata(path).map(|m| m.len()) else { return Ok(None) };
-    let mut last_end = None;
-    for item in CsvKeys::open(path)? {
-        last_end = Some(item?.1);
-    }
-    let mut end = last_end.or_else(|| csv_header_end(path, None)).unwrap_or(0);
+    let mut end = CsvKeys::open(path)?.last().map(|k| k.1).or_else(|| csv_header_end(path, None)).unwrap_or(0);
     if end > len {
         end = len;
     }
@@ -454,8 +429,7 @@ fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) ->
         Some(h) => {
             let mut matched = 0;
             let mut keep = h;
-            for (i, item) in CsvKeys::open(csv_path)?.enumerate() {
-                let (k, end, _) = item?;
+            for (i, (k, end, _)) in CsvKeys::open(csv_path)?.enumerate() {
                 // A record is complete only when its line ended; the file's last byte must be a newline.
                 let terminated = end < len || ends_with_newline(csv_path, len)?;
                 if i < order.len() && k == Some(order[i]) && order[i] != 0 && terminated {

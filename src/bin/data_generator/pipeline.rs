@@ -29,6 +29,7 @@ use futures::StreamExt;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::ollama_client::OllamaClient;
 use crate::openai_client::OpenAiClient;
@@ -101,23 +102,6 @@ async fn get_student_response(
         }
     }
     Err(ClientError::Truncated)
-}
-
-/// A spawned task that is aborted when its handle is dropped (a run that stops abandons its
-/// requests in flight).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A client per endpoint.
@@ -352,7 +336,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         .map(move |job| {
             let ctx = job_ctx.clone();
             let stage = stage.clone();
-            let task = AbortOnDrop(tokio::spawn(async move {
+            let task = AbortOnDropHandle::new(tokio::spawn(async move {
                 match job {
                     Ok(job) => Ok(ctx.run_job(stage.as_ref(), job).await),
                     Err(e) => Err(e),
