@@ -73,6 +73,20 @@ pub struct Runner {
     /// One probe at a time per endpoint, and when the last one answered.
     probes: Vec<tokio::sync::Mutex<Option<Instant>>>,
     probers: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+    role: StageRole,
+}
+
+/// Which stage of a multi-stage run a runner serves (the default: the one stage of a run).
+#[derive(Debug, Clone, Default)]
+pub struct StageRole {
+    /// The stage's name, written into its records and failures (None for a one-stage run).
+    pub name: Option<String>,
+    /// Its place in the pipeline, for progress events.
+    pub index: usize,
+    /// Where its endpoints start in the run's list of endpoints (progress events number them).
+    pub endpoint_base: usize,
+    /// The array field of `parsed` that must be there (`explode`).
+    pub explode: Option<String>,
 }
 
 impl Runner {
@@ -80,6 +94,11 @@ impl Runner {
     /// not answer; it starts out of rotation and is probed in the background until it does.
     /// Needs a tokio runtime.
     pub fn new(clients: Vec<Box<dyn ModelClient>>, cfg: &Config, down: &[Option<String>], progress: Progress, stop: CancellationToken) -> Arc<Runner> {
+        Self::for_stage(clients, cfg, down, progress, stop, StageRole::default())
+    }
+
+    /// The runner of one stage of a multi-stage run; `cfg` is the stage's own config.
+    pub fn for_stage(clients: Vec<Box<dyn ModelClient>>, cfg: &Config, down: &[Option<String>], progress: Progress, stop: CancellationToken, role: StageRole) -> Arc<Runner> {
         let capacities: Vec<usize> = cfg.endpoints.iter().map(|e| e.concurrency).collect();
         let is_down: Vec<bool> = down.iter().map(Option::is_some).collect();
         let runner = Arc::new(Runner {
@@ -94,6 +113,7 @@ impl Runner {
             stop,
             ride_outages: cfg.run().outage_wait_secs > 0.0,
             probers: std::sync::Mutex::new(Vec::new()),
+            role,
         });
         for (i, d) in down.iter().enumerate() {
             if let Some(e) = d {
@@ -149,11 +169,11 @@ impl Runner {
                 Change::SetAside { endpoint, for_ } => {
                     let url = self.clients[endpoint].url();
                     tracing::warn!(endpoint = url, secs = for_.as_secs(), "endpoint keeps failing: set aside for a while");
-                    self.progress.send(Event::Endpoint { endpoint, until: Some(Instant::now() + for_) });
+                    self.progress.send(Event::Endpoint { endpoint: self.role.endpoint_base + endpoint, until: Some(Instant::now() + for_) });
                 }
                 Change::Back { endpoint } => {
                     tracing::info!(endpoint = self.clients[endpoint].url(), "endpoint back in use");
-                    self.progress.send(Event::Endpoint { endpoint, until: None });
+                    self.progress.send(Event::Endpoint { endpoint: self.role.endpoint_base + endpoint, until: None });
                 }
             }
         }
@@ -209,14 +229,14 @@ impl Runner {
             loop {
                 let wait = Duration::from_secs_f64(delay.as_secs_f64() * (0.25 + ctx.jitter_factor()));
                 let next_try = Instant::now() + wait;
-                ctx.progress.send(Event::EndpointDown { endpoint, since: since.wall, next_try, error: error.clone(), first });
+                ctx.progress.send(Event::EndpointDown { endpoint: ctx.role.endpoint_base + endpoint, since: since.wall, next_try, error: error.clone(), first });
                 first = false;
                 tokio::time::sleep(wait).await;
                 match ctx.probe(endpoint).await {
                     Ok(()) => {
                         let after = ctx.pool.mark_up(endpoint).unwrap_or_default();
                         tracing::info!(endpoint = ctx.clients[endpoint].url(), "server back after {}", progress::short_duration(after));
-                        ctx.progress.send(Event::EndpointUp { endpoint, after });
+                        ctx.progress.send(Event::EndpointUp { endpoint: ctx.role.endpoint_base + endpoint, after });
                         return;
                     }
                     Err(e) => {
@@ -260,15 +280,31 @@ impl Runner {
             when: record::now_rfc3339(),
             validation_errors,
             last_reply,
+            stage: self.role.name.clone(),
+            parent: job.parent,
         }))
+    }
+
+    /// A valid reply of a stage that explodes must hold the array it explodes.
+    fn check_explode(&self, v: Value) -> Result<Value, crate::schema::Invalid> {
+        let Some(f) = &self.role.explode else { return Ok(v) };
+        let why = match v.get(f) {
+            Some(Value::Array(_)) => return Ok(v),
+            Some(other) => format!("/{f}: {} is not an array (the stage explodes it)", crate::input::json_kind(other)),
+            None => format!("/{f}: missing (the stage explodes it)"),
+        };
+        Err(crate::schema::Invalid { errors: vec![why] })
     }
 
     /// Runs one job to its end: its attempts, with retries for what another attempt could fix,
     /// and waits (not retries) while its server is down.
     pub async fn run_job(self: Arc<Self>, stage: &dyn Stage, job: Job) -> JobResult {
         let samples = self.cfg.run().samples_per_prompt;
-        let label = job.label(samples);
-        self.progress.send(Event::Begin { job: job.seq, label: label.clone() });
+        let label = match &self.role.name {
+            Some(stage) => format!("{stage} {}", job.label(samples).trim_start_matches("row ")),
+            None => job.label(samples),
+        };
+        self.progress.send(Event::Begin { job: job.seq, label: label.clone(), stage: self.role.index });
         let max_retries = self.cfg.run().max_retries;
         // Attempts sent, and the failed ones that spent a retry (server-down waits do not).
         let (mut attempts, mut spent) = (0u32, 0u32);
@@ -292,13 +328,13 @@ impl Runner {
             let endpoint = slot.endpoint;
             let client = self.clients[endpoint].as_ref();
             attempts += 1;
-            self.progress.send(Event::Attempt { job: job.seq, endpoint });
+            self.progress.send(Event::Attempt { job: job.seq, endpoint: self.role.endpoint_base + endpoint });
             let result = stage.send(client, &job, &options, &self.progress).await;
             drop(slot);
             let e = match result {
                 Ok(r) => {
                     self.pool.report(endpoint, Outcome::Answered);
-                    let parsed = match schema.as_ref().map(|s| s.check(&r.response)) {
+                    let parsed = match schema.as_ref().map(|s| s.check(&r.response).and_then(|v| self.check_explode(v))) {
                         None => None,
                         Some(Ok(v)) => Some(v),
                         Some(Err(why)) if invalid < max_invalid => {
@@ -342,6 +378,9 @@ impl Runner {
                         input: job.input,
                         invalid: parsed.is_some().then_some(invalid),
                         parsed,
+                        stage: self.role.name.clone(),
+                        parent: job.parent,
+                        kept: None,
                     }));
                 }
                 Err(e) => e,

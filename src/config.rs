@@ -37,7 +37,12 @@ pub struct RunConfig {
     /// Sampling options, passed to Ollama's `options` as they are.
     #[serde(default)]
     pub options: Map<String, Value>,
-    pub prompts: PromptsConfig,
+    /// One stage: today's single-stage run. Either this or `stages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<PromptsConfig>,
+    /// Several stages, each row flowing through them in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageConfig>>,
     pub input: InputConfig,
     #[serde(default)]
     pub run: RunSettings,
@@ -169,6 +174,60 @@ pub struct PromptsConfig {
     pub schema_text: Option<String>,
 }
 
+/// One `[[stages]]` entry as written: its prompts, and whatever it sets apart from the run's
+/// `[backend]`, `[options]` and `[run]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// `[a-z_][a-z0-9_]*`: the template variable, the file name under `stages/`, the label.
+    pub name: String,
+    /// Shorthand for `[stages.backend] model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Keys merged over `[backend]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<Map<String, Value>>,
+    /// Keys merged over `[options]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<Map<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system_text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub template_text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_text: Option<String>,
+    /// An array field of `parsed`: one downstream row per element.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explode: Option<String>,
+    /// A minijinja expression over the row; false ends the row at this stage.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub samples_per_prompt: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_invalid: Option<u32>,
+    /// Requests of this stage in flight at most (within `run.concurrency` over all stages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+}
+
+/// A stage of a multi-stage run, resolved.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: String,
+    /// The stage seen as a one-stage run: its backend, endpoints, options, prompts, schema and
+    /// run settings (what a request of the stage needs), the rest the run's.
+    pub cfg: Box<Config>,
+    pub explode: Option<String>,
+    pub keep: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InputConfig {
@@ -276,6 +335,8 @@ pub struct Config {
     pub input_path: PathBuf,
     pub input_format: InputFormat,
     pub output_dir: PathBuf,
+    /// The stages of a `[[stages]]` config, in order; empty for a `[prompts]` one.
+    pub stages: Vec<StageSpec>,
 }
 
 impl Config {
@@ -504,7 +565,14 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
         return Err(invalid("run.limit", "must be at least 1 (leave it out for all rows)".into()));
     }
 
-    let p = &raw.prompts;
+    if raw.prompts.is_some() && raw.stages.is_some() {
+        return Err(invalid("stages", "give `[prompts]` (one stage) or `[[stages]]`, not both".into()));
+    }
+    if let Some(list) = &raw.stages {
+        return resolve_stages(path, &raw, list, env, url_flag);
+    }
+    let no_prompts = PromptsConfig::default();
+    let p = raw.prompts.as_ref().unwrap_or(&no_prompts);
     let system = match (&p.system, &p.system_text) {
         (Some(_), Some(_)) => return Err(invalid("prompts.system", "give `system` (a file) or `system_text`, not both".into())),
         (Some(f), None) => Some(read_prompt_file(path, "prompts.system", &rel(f))?),
@@ -585,7 +653,165 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
         input_format,
         output_dir,
         raw,
+        stages: Vec::new(),
     })
+}
+
+/// Stage names: template variables and file names.
+fn valid_stage_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Names a stage may not take: the dataset record's own fields.
+const RESERVED_STAGE_NAMES: &[&str] = &["id", "input", "loop"];
+
+/// A `[[stages]]` config: each stage resolved as a one-stage config of its own (the run's
+/// `[backend]`, `[options]` and `[run]` with the stage's keys merged over them), errors renamed to
+/// the stage's keys; the run's own config is the first stage's, with every stage beside it.
+fn resolve_stages(path: &Path, raw: &RunConfig, list: &[StageConfig], env: &dyn Fn(&str) -> Option<String>, url_flag: Option<&str>) -> Result<Config, ConfigError> {
+    let invalid = |key: String, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+    if list.is_empty() {
+        return Err(invalid("stages".into(), "the list of stages is empty".into()));
+    }
+    let names: Vec<&str> = list.iter().map(|s| s.name.as_str()).collect();
+    let mut specs: Vec<StageSpec> = Vec::new();
+    for (i, st) in list.iter().enumerate() {
+        let at = |k: &str| format!("stages[{i}].{k}");
+        if !valid_stage_name(&st.name) {
+            return Err(invalid(at("name"), format!("{:?}: a stage name is lower-case letters, digits and _, not starting with a digit (it is a template variable and a file name)", st.name)));
+        }
+        if RESERVED_STAGE_NAMES.contains(&st.name.as_str()) {
+            return Err(invalid(at("name"), format!("{:?} is a field of every dataset record: pick another name", st.name)));
+        }
+        if names[..i].contains(&st.name.as_str()) {
+            return Err(invalid(at("name"), format!("{:?} is the name of an earlier stage too", st.name)));
+        }
+        let mut sr = raw.clone();
+        sr.stages = None;
+        sr.prompts = Some(PromptsConfig {
+            system: st.system.clone(),
+            system_text: st.system_text.clone(),
+            template: st.template.clone(),
+            template_text: st.template_text.clone(),
+            schema: st.schema.clone(),
+            schema_text: st.schema_text.clone(),
+        });
+        if let Some(table) = &st.backend {
+            let mut merged = serde_json::to_value(&raw.backend).unwrap_or_default();
+            if let Some(m) = merged.as_object_mut() {
+                if ["url", "urls", "endpoints"].iter().any(|k| table.contains_key(*k)) {
+                    for k in ["url", "urls", "endpoints"] {
+                        m.remove(k);
+                    }
+                }
+                for (k, v) in table {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+            sr.backend = serde_json::from_value(merged).map_err(|e| invalid(at("backend"), e.to_string()))?;
+        }
+        if let Some(m) = &st.model {
+            sr.backend.model = m.clone();
+        }
+        if let Some(o) = &st.options {
+            for (k, v) in o {
+                sr.options.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(n) = st.samples_per_prompt {
+            sr.run.samples_per_prompt = n;
+        }
+        if let Some(n) = st.max_invalid {
+            sr.run.max_invalid = n;
+        }
+        if let Some(c) = st.concurrency {
+            if c == 0 || c > raw.run.concurrency {
+                return Err(invalid(at("concurrency"), format!("{c} must be from 1 to run.concurrency ({})", raw.run.concurrency)));
+            }
+            sr.run.concurrency = c;
+        }
+        let cfg = resolve(path, sr, env, url_flag).map_err(|e| rename_stage_keys(e, i, st))?;
+        if let Some(f) = &st.explode {
+            let Some(schema) = &cfg.schema else {
+                return Err(invalid(at("explode"), format!("{f:?} names a field of `parsed`: the stage needs a `schema` (an object with the array `{f}`)")));
+            };
+            let declared = schema.value.pointer("/properties").and_then(Value::as_object);
+            if let Some(props) = declared {
+                match props.get(f) {
+                    None => return Err(invalid(at("explode"), format!("the stage's schema has no property {f:?} (it has: {})", props.keys().cloned().collect::<Vec<_>>().join(", ")))),
+                    Some(p) if p.get("type").is_some_and(|t| t != "array") => {
+                        return Err(invalid(at("explode"), format!("the schema's property {f:?} is not an array")))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        // Templates and `keep` read earlier stages only.
+        let template = crate::template::PromptTemplate::new(cfg.template.clone(), &cfg.template_origin).map_err(|e| invalid(at("template"), e.to_string()))?;
+        check_stage_refs(template.variables(), &names, i, false).map_err(|m| invalid(at("template"), m))?;
+        if let Some(k) = &st.keep {
+            let vars = crate::template::expression_variables(k).map_err(|m| invalid(at("keep"), m))?;
+            check_stage_refs(&vars, &names, i, true).map_err(|m| invalid(at("keep"), m))?;
+        }
+        specs.push(StageSpec { name: st.name.clone(), cfg: Box::new(cfg), explode: st.explode.clone(), keep: st.keep.clone() });
+    }
+    // The run's own config: input, output, endpoints and settings as written at the top.
+    let mut r = raw.clone();
+    r.stages = None;
+    r.prompts = Some(PromptsConfig { template_text: Some(String::new()), ..Default::default() });
+    let mut cfg = resolve(path, r, env, url_flag)?;
+    cfg.raw = raw.clone();
+    cfg.stages = specs;
+    Ok(cfg)
+}
+
+/// A template's (or `keep`'s) variables against the stages: naming a later stage (or, for a
+/// template, its own) is an error.
+fn check_stage_refs(vars: &[String], names: &[&str], i: usize, own_ok: bool) -> Result<(), String> {
+    for v in vars {
+        if let Some(j) = names.iter().position(|n| n == v) {
+            if j > i || (j == i && !own_ok) {
+                let when = if j == i { "itself".to_owned() } else { format!("stage {v:?} (stages[{j}]), which comes later") };
+                return Err(format!("uses `{v}`: {when}; a stage reads the input row and the stages before it"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An error of a stage's own config, with the key it names moved under `stages[i]`.
+fn rename_stage_keys(e: ConfigError, i: usize, st: &StageConfig) -> ConfigError {
+    let rekey = |key: String| -> String {
+        let sub = |k: &str| format!("stages[{i}].{k}");
+        if let Some(rest) = key.strip_prefix("prompts.") {
+            sub(rest)
+        } else if let Some(rest) = key.strip_prefix("options.") {
+            if st.options.as_ref().is_some_and(|o| o.contains_key(rest)) { sub(&key) } else { key }
+        } else if key == "backend.model" && st.model.is_some() {
+            sub("model")
+        } else if let Some(rest) = key.strip_prefix("backend.") {
+            let own = st.backend.as_ref().is_some_and(|b| b.contains_key(rest.split(['.', '[']).next().unwrap_or(rest)));
+            if own { sub(&key) } else { key }
+        } else if let Some(rest) = key.strip_prefix("run.") {
+            let own = match rest {
+                "samples_per_prompt" => st.samples_per_prompt.is_some(),
+                "max_invalid" => st.max_invalid.is_some(),
+                "concurrency" => st.concurrency.is_some(),
+                _ => false,
+            };
+            if own { sub(rest) } else { key }
+        } else {
+            key
+        }
+    };
+    let named = |m: String| format!("stage {:?}: {m}", st.name);
+    match e {
+        ConfigError::Invalid { path, key, message } => ConfigError::Invalid { path, key: rekey(key), message: named(message) },
+        ConfigError::File { path, key, file, source } => ConfigError::File { path, key: rekey(key), file, source },
+        other => other,
+    }
 }
 
 fn read_prompt_file(cfg: &Path, key: &str, file: &Path) -> Result<String, ConfigError> {

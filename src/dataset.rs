@@ -367,18 +367,49 @@ pub struct Written {
     pub failures: u64,
     /// Completion tokens of the records written.
     pub tokens: u64,
+    /// Multi-stage runs: rows of the composed dataset.
+    pub rows: u64,
+}
+
+/// Files the writer thread owns: each item written whole, counted, and synced now and then.
+pub trait Sink: Send + 'static {
+    type Item: Send + 'static;
+    fn put(&mut self, item: Self::Item, written: &mut Written) -> Result<(), DatasetError>;
+    /// fsync what was written since the last sync.
+    fn sync(&mut self) -> Result<(), DatasetError>;
+}
+
+impl Sink for Dataset {
+    type Item = WriteItem;
+    fn put(&mut self, item: WriteItem, written: &mut Written) -> Result<(), DatasetError> {
+        match item {
+            WriteItem::Record(r) => {
+                self.write_record(&r)?;
+                written.records += 1;
+                written.tokens += r.completion_tokens.unwrap_or(0);
+            }
+            WriteItem::Failure(f) => {
+                self.write_failure(&f)?;
+                written.failures += 1;
+            }
+        }
+        Ok(())
+    }
+    fn sync(&mut self) -> Result<(), DatasetError> {
+        Dataset::sync(self)
+    }
 }
 
 /// The one writer: a thread that owns the dataset files. Sends fail once it has stopped on an
 /// error; `finish` returns that error, and what was written before it.
-pub struct Writer {
-    tx: Option<mpsc::Sender<WriteItem>>,
+pub struct Writer<I = WriteItem> {
+    tx: Option<mpsc::Sender<I>>,
     handle: Option<std::thread::JoinHandle<(Written, Result<(), DatasetError>)>>,
 }
 
-impl Writer {
-    pub fn spawn(mut dataset: Dataset) -> Writer {
-        let (tx, rx) = mpsc::channel::<WriteItem>();
+impl<I: Send + 'static> Writer<I> {
+    pub fn spawn<S: Sink<Item = I>>(mut sink: S) -> Writer<I> {
+        let (tx, rx) = mpsc::channel::<I>();
         let handle = std::thread::Builder::new()
             .name("dataset-writer".into())
             .spawn(move || {
@@ -386,20 +417,12 @@ impl Writer {
                 let result = (|| {
                     loop {
                         match rx.recv_timeout(SYNC_INTERVAL) {
-                            Ok(WriteItem::Record(r)) => {
-                                dataset.write_record(&r)?;
-                                written.records += 1;
-                                written.tokens += r.completion_tokens.unwrap_or(0);
-                            }
-                            Ok(WriteItem::Failure(f)) => {
-                                dataset.write_failure(&f)?;
-                                written.failures += 1;
-                            }
-                            Err(mpsc::RecvTimeoutError::Timeout) => dataset.sync()?,
+                            Ok(item) => sink.put(item, &mut written)?,
+                            Err(mpsc::RecvTimeoutError::Timeout) => sink.sync()?,
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         }
                     }
-                    dataset.sync()
+                    sink.sync()
                 })();
                 (written, result)
             })
@@ -408,7 +431,7 @@ impl Writer {
     }
 
     /// False when the writer has stopped (on a write error): stop producing.
-    pub fn send(&self, item: WriteItem) -> bool {
+    pub fn send(&self, item: I) -> bool {
         self.tx.as_ref().is_some_and(|tx| tx.send(item).is_ok()) && self.handle.is_some()
     }
 

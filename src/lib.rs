@@ -20,4 +20,5 @@ pub mod request;
 pub mod resume;
 pub mod schema;
 pub mod sse;
+pub mod stages;
 pub mod template;

@@ -30,6 +30,33 @@ pub struct Manifest {
     pub completion_tokens: u64,
     /// Every run into this folder, oldest first; the last is this one.
     pub runs: Vec<RunEntry>,
+    /// Multi-stage runs: the counts of each stage, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageCounts>,
+    /// Multi-stage runs: the records of `dataset.jsonl` (rows that went through every stage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_rows: Option<u64>,
+}
+
+/// One stage's share of a multi-stage run (the current config's requests).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StageCounts {
+    pub name: String,
+    pub model: String,
+    /// Requests the rows that reached the stage asked for.
+    pub requested: u64,
+    /// Answered by earlier runs (read back, not asked again).
+    pub already_done: u64,
+    pub skipped_failed: u64,
+    /// Answered in this run.
+    pub done: u64,
+    /// Failed in this run.
+    pub failed: u64,
+    /// Rows its `keep` stopped.
+    pub dropped: u64,
+    /// Rows its `explode` made, and replies whose array was empty (the row ended there).
+    pub exploded_into: u64,
+    pub exploded_empty: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +158,8 @@ impl Manifest {
             },
             completion_tokens: 0,
             runs,
+            stages: Vec::new(),
+            dataset_rows: None,
         }
     }
 

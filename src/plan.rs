@@ -48,6 +48,8 @@ pub struct Job {
     pub seed: Option<i64>,
     /// The request's key (see [`RequestKey`]).
     pub key: String,
+    /// Multi-stage runs, after the first stage: the id of the row this one came from.
+    pub parent: Option<String>,
 }
 
 impl Job {
@@ -138,6 +140,11 @@ impl Planner {
     /// The options (the per-sample seed in them), the seed and the key of sample `sample` of a
     /// rendered row.
     fn request(&self, id: &str, prompt: &str, sample: u32) -> (Map<String, Value>, Option<i64>, u128) {
+        self.chained_request(id, prompt, sample, None)
+    }
+
+    /// [`Planner::request`] of a later stage, whose key chains its parent's.
+    pub fn chained_request(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>) -> (Map<String, Value>, Option<i64>, u128) {
         let cfg = &self.cfg;
         let mut options = cfg.options().clone();
         let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
@@ -155,6 +162,7 @@ impl Planner {
             options: &options,
             think: cfg.backend().think.as_ref(),
             schema: cfg.schema.as_ref().map(|s| &s.value),
+            parent,
         }
         .value();
         (options, seed, key)
@@ -166,18 +174,29 @@ impl Planner {
     }
 
     /// The job of a request whose options, seed and key are known.
-    fn job_of(&self, seq: JobId, row: &Row, prompt: &str, sample: u32, (options, seed, key): (Map<String, Value>, Option<i64>, u128)) -> Job {
+    fn job_of(&self, seq: JobId, row: &Row, prompt: &str, sample: u32, request: (Map<String, Value>, Option<i64>, u128)) -> Job {
+        self.job_with(seq, &row.id, &row.fields, prompt, sample, request)
+    }
+
+    /// The job of a request of row `id` whose input row is `input`.
+    pub fn job_with(&self, seq: JobId, id: &str, input: &Map<String, Value>, prompt: &str, sample: u32, (options, seed, key): (Map<String, Value>, Option<i64>, u128)) -> Job {
         Job {
             seq,
-            row_id: row.id.clone(),
+            row_id: id.to_owned(),
             sample,
             system: self.cfg.system.clone(),
             prompt: prompt.to_owned(),
-            input: row.fields.clone(),
+            input: input.clone(),
             options,
             seed,
             key: format!("{key:032x}"),
+            parent: None,
         }
+    }
+
+    /// The template's top-level variables.
+    pub fn variables(&self) -> &[String] {
+        self.template.variables()
     }
 
     /// Every row and its prompt, in input order; stops at the first row that cannot be read or

@@ -22,7 +22,12 @@ pub enum Event {
     /// runs, how many earlier failures are skipped, and the servers.
     Started { total: u64, already_done: u64, skipped_failed: u64, endpoints: Vec<String> },
     /// A request was taken up: it waits for a free slot on a server.
-    Begin { job: JobId, label: String },
+    Begin { job: JobId, label: String, stage: usize },
+    /// Multi-stage runs: the stages, named, before any other stage event.
+    Stages { names: Vec<String> },
+    /// Multi-stage runs: `requests` more requests of a stage are known (rows reached it), of
+    /// which `already_done` were done by earlier runs; totals grow as rows flow and explode.
+    StageAdd { stage: usize, requests: u64, already_done: u64 },
     /// An attempt was sent to an endpoint; nothing has come back yet.
     Attempt { job: JobId, endpoint: usize },
     /// The server answered with its headers; the first token has not come yet.
@@ -86,6 +91,20 @@ pub struct InFlight {
     /// Pieces streamed by the current attempt.
     pub chunks: u64,
     pub endpoint: Option<usize>,
+    /// Its stage (0 in a one-stage run).
+    pub stage: usize,
+}
+
+/// One stage's share of a multi-stage run.
+#[derive(Debug, Clone, Default)]
+pub struct StageView {
+    pub name: String,
+    /// Requests known so far (grows as rows reach the stage).
+    pub total: u64,
+    pub already_done: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub completion_tokens: u64,
 }
 
 /// One server's share of the run.
@@ -124,6 +143,8 @@ pub struct ProgressView {
     /// Set once a stop was asked for: the signal and the end of the grace period.
     pub stopping: Option<(String, Instant)>,
     pub endpoints: Vec<EndpointView>,
+    /// Multi-stage runs: one per stage (empty for a one-stage run).
+    pub stages: Vec<StageView>,
     /// Time spent paused (every server down), so rates and the ETA count working time only.
     paused_total: Duration,
     paused_since: Option<Instant>,
@@ -146,6 +167,7 @@ impl ProgressView {
             in_flight: BTreeMap::new(),
             stopping: None,
             endpoints: Vec::new(),
+            stages: Vec::new(),
             paused_total: Duration::ZERO,
             paused_since: None,
         }
@@ -174,6 +196,31 @@ impl ProgressView {
         self.endpoints.get_mut(e)
     }
 
+    fn stage_of(&mut self, job: JobId) -> Option<&mut StageView> {
+        let s = self.in_flight.get(&job)?.stage;
+        self.stages.get_mut(s)
+    }
+
+    /// Multi-stage runs: one line per stage, `answer    12/40 done, 1 failed · 2 in flight · 35.0 tok/s`.
+    pub fn stage_lines(&self) -> Vec<String> {
+        let width = self.stages.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
+        let secs = self.active_secs();
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let flight = self.in_flight.values().filter(|f| f.stage == i).count();
+                let mut line = format!("{:<width$}  {}/{} done", st.name, st.already_done + st.done, st.total);
+                if st.failed > 0 {
+                    line.push_str(&format!(", {} failed", st.failed));
+                }
+                let rate = if secs > 0.0 { st.completion_tokens as f64 / secs } else { 0.0 };
+                line.push_str(&format!(" · {flight} in flight · {rate:.1} tok/s"));
+                line
+            })
+            .collect()
+    }
+
     fn set_phase(&mut self, job: JobId, phase: Phase) {
         if let Some(f) = self.in_flight.get_mut(&job) {
             f.phase = phase;
@@ -190,8 +237,20 @@ impl ProgressView {
                 self.started = Instant::now();
                 self.endpoints = endpoints.iter().map(|u| EndpointView { url: u.clone(), ..Default::default() }).collect();
             }
-            Event::Begin { job, label } => {
+            Event::Stages { names } => {
+                self.stages = names.iter().map(|n| StageView { name: n.clone(), ..Default::default() }).collect();
+            }
+            Event::StageAdd { stage, requests, already_done } => {
+                self.total += requests;
+                self.already_done += already_done;
+                if let Some(st) = self.stages.get_mut(*stage) {
+                    st.total += requests;
+                    st.already_done += already_done;
+                }
+            }
+            Event::Begin { job, label, stage } => {
                 let f = InFlight {
+                    stage: *stage,
                     label: label.clone(),
                     phase: Phase::Queued,
                     since: Instant::now(),
@@ -256,6 +315,10 @@ impl ProgressView {
             }
             Event::Done { job, completion_tokens } => {
                 self.done += 1;
+                if let Some(st) = self.stage_of(*job) {
+                    st.done += 1;
+                    st.completion_tokens += completion_tokens;
+                }
                 if let Some(e) = self.endpoint_of(*job) {
                     e.done += 1;
                     e.completion_tokens += completion_tokens;
@@ -265,6 +328,9 @@ impl ProgressView {
             }
             Event::Failed { job, .. } => {
                 self.failed += 1;
+                if let Some(st) = self.stage_of(*job) {
+                    st.failed += 1;
+                }
                 if let Some(e) = self.endpoint_of(*job) {
                     e.errors += 1;
                 }
@@ -463,6 +529,7 @@ impl ProgressView {
             Some(s) => lines.push(fit(&s, width)),
             None => lines.extend(self.outage_lines().iter().map(|l| fit(l, width))),
         }
+        lines.extend(self.stage_lines().iter().map(|l| fit(&format!("  ▸ {l}"), width)));
         lines.extend(self.endpoint_lines().iter().map(|l| fit(&format!("  ⇄ {l}"), width)));
         let room = rows.saturating_sub(lines.len() + 1).max(1);
         let n = self.in_flight.len();
@@ -729,6 +796,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                 Some(s) => s.draw(&view),
                 None if mode == DisplayMode::Plain && view.total > 0 => {
                     eprintln!("[{}] {}", format_duration(view.started.elapsed()), view.summary_line());
+                    for line in view.stage_lines() {
+                        eprintln!("    {line}");
+                    }
                     for line in view.outage_lines().iter().filter(|_| view.endpoints.len() < 2) {
                         eprintln!("    {line}");
                     }
@@ -853,7 +923,7 @@ mod tests {
     #[test]
     fn view_follows_events() {
         let mut v = started(3, 0, 2);
-        v.apply(&Event::Begin { job: 1, label: "row 1".into() });
+        v.apply(&Event::Begin { job: 1, label: "row 1".into(), stage: 0 });
         assert_eq!(v.in_flight[&1].phase, Phase::Queued);
         v.apply(&Event::Attempt { job: 1, endpoint: 1 });
         assert_eq!(v.in_flight[&1].phase, Phase::Sent);
@@ -877,10 +947,10 @@ mod tests {
     fn counts_cover_the_whole_batch_and_keep_failures_beside() {
         let mut v = started(1000, 480, 1);
         for job in 0..33 {
-            v.apply(&Event::Begin { job, label: format!("row {job}") });
+            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0 });
             v.apply(&Event::Done { job, completion_tokens: 1 });
         }
-        v.apply(&Event::Begin { job: 99, label: "row 99".into() });
+        v.apply(&Event::Begin { job: 99, label: "row 99".into(), stage: 0 });
         v.apply(&Event::Failed { job: 99, label: "row 99".into(), error: "x".into() });
         assert_eq!(v.counts(true), "513/1000 done (480 from earlier runs), 1 failed");
         assert!(v.summary_line().starts_with("513/1000 done (480 from earlier runs), 1 failed, 0 in flight"));
@@ -891,7 +961,7 @@ mod tests {
     fn frames_fit_the_screen_and_keep_the_eta() {
         let mut v = started(40, 0, 1);
         for job in 0..30 {
-            v.apply(&Event::Begin { job, label: format!("row {job}") });
+            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0 });
             v.apply(&Event::Attempt { job, endpoint: 0 });
         }
         for job in 0..5 {

@@ -49,6 +49,15 @@ pub struct Record {
     /// With a schema: how many invalid replies came before this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalid: Option<u32>,
+    /// Multi-stage runs: the stage's name (absent from one-stage runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Multi-stage runs, after the first stage: the id of the row this one came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Multi-stage runs, a stage with `keep`: whether the row went on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<bool>,
 }
 
 /// The CSV columns: the record's scalar fields in the same order (`input` is JSONL only).
@@ -131,6 +140,12 @@ pub struct Failure {
     /// With a schema: the last reply as the model sent it, to see what it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_reply: Option<String>,
+    /// Multi-stage runs: the stage that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Multi-stage runs, after the first stage: the id of the row this one came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// RFC 3339 timestamp with milliseconds, UTC.

@@ -90,6 +90,9 @@ pub struct RequestKey<'a> {
     pub think: Option<&'a Value>,
     /// Part of the key only when set: runs without a schema keep their keys.
     pub schema: Option<&'a Value>,
+    /// A later stage's request: the key of the request whose reply it was made from, so that
+    /// keys chain (part of the key only when set: one-stage runs and first stages keep theirs).
+    pub parent: Option<u128>,
 }
 
 /// The canonical form that is hashed: an object with its keys in sorted order (as serde_json's
@@ -100,6 +103,8 @@ struct Canonical<'a> {
     id: &'a str,
     model: &'a str,
     options: CanonicalOptions<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
     prompt: &'a str,
     sample: u32,
     system: Option<&'a str>,
@@ -122,6 +127,7 @@ impl RequestKey<'_> {
             id: self.id,
             model: self.model,
             options: CanonicalOptions { options: self.options, schema: self.schema, think: self.think },
+            parent: self.parent.map(|k| format!("{k:032x}")),
             prompt: self.prompt,
             sample: self.sample,
             system: self.system,
@@ -197,7 +203,7 @@ mod tests {
         let o: Map<String, Value> = serde_json::from_str(r#"{"temperature": 0.7, "seed": 42, "stop": ["\n", "é"], "num_predict": 64}"#).unwrap();
         let think = serde_json::json!("high");
         let schema = serde_json::json!({"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}});
-        let base = RequestKey { id: "1", sample: 0, model: "m", api: "chat", system: Some("s \"q\" 日本"), prompt: "p\n🎉", options: &o, think: None, schema: None };
+        let base = RequestKey { id: "1", sample: 0, model: "m", api: "chat", system: Some("s \"q\" 日本"), prompt: "p\n🎉", options: &o, think: None, schema: None, parent: None };
         let k = base.hash();
         // The one-pass form is the two hashes as first written.
         let canon = base.canonical();
@@ -217,6 +223,8 @@ mod tests {
         assert_ne!(k, RequestKey { system: None, ..base }.hash());
         assert_ne!(k, RequestKey { sample: 1, ..base }.hash());
         assert_ne!(k, RequestKey { schema: Some(&schema), ..base }.hash());
+        assert_ne!(k, RequestKey { parent: Some(7), ..base }.hash());
+        assert_ne!(RequestKey { parent: Some(8), ..base }.hash(), RequestKey { parent: Some(7), ..base }.hash());
         let o2: Map<String, Value> = serde_json::from_str(r#"{"temperature": 0.8}"#).unwrap();
         assert_ne!(k, RequestKey { options: &o2, ..base }.hash());
     }

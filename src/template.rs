@@ -65,6 +65,46 @@ impl PromptTemplate {
     }
 }
 
+/// A stage's `keep`: a minijinja expression over the row (input fields and the stages so far),
+/// strict about undefined names like the templates.
+pub struct KeepExpr {
+    env: Environment<'static>,
+    source: String,
+}
+
+fn strict_env() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env
+}
+
+/// The top-level names an expression reads (or why it does not compile).
+pub fn expression_variables(source: &str) -> Result<Vec<String>, String> {
+    let env = strict_env();
+    let expr = env.compile_expression(source).map_err(|e| format!("{source:?} is not an expression: {}", describe(&e)))?;
+    let mut vars: Vec<String> = expr.undeclared_variables(false).into_iter().collect();
+    vars.sort();
+    Ok(vars)
+}
+
+impl KeepExpr {
+    pub fn new(source: &str) -> Result<KeepExpr, String> {
+        expression_variables(source)?;
+        Ok(KeepExpr { env: strict_env(), source: source.to_owned() })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether the row goes on: the expression's truth (Jinja's: `0`, `""`, `none`, empty lists
+    /// are false), or why it cannot be evaluated.
+    pub fn eval(&self, ctx: &serde_json::Map<String, serde_json::Value>) -> Result<bool, String> {
+        let expr = self.env.compile_expression(&self.source).map_err(|e| describe(&e))?;
+        expr.eval(ctx).map(|v| v.is_true()).map_err(|e| format!("keep = {:?}: {}", self.source, describe(&e)))
+    }
+}
+
 /// minijinja's message with the line it points at, without its multi-line debug dump.
 fn describe(e: &minijinja::Error) -> String {
     let mut s = e.to_string();

@@ -14,14 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use data_generator::attempt::{JobResult, Reply, Runner, Stage};
+use data_generator::attempt::{JobResult, Reply, Runner, Stage, StageRole};
 use data_generator::backend::{Chunk, ClientError, Message, ModelClient, Request, Role, ServerInfo};
 use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
-use data_generator::manifest::{Manifest, RunEntry};
+use data_generator::manifest::{Manifest, RunEntry, StageCounts};
 use data_generator::plan::{Job, Plan, Planner, Redo};
 use data_generator::progress::{self, DisplayMode, Event, Progress};
-use data_generator::record;
+use data_generator::record::{self, Record};
+use data_generator::stages::{self, FlowRow, Pipeline, StageFiles, StageItem};
 use data_generator::schema::OutputSchema;
 use data_generator::resume::{self, Prior};
 use futures::future::BoxFuture;
@@ -210,6 +211,9 @@ fn prior_runs(paths: &OutputPaths) -> anyhow::Result<(Vec<RunEntry>, Option<Stri
 }
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
+    if !cfg.stages.is_empty() {
+        return run_stages(cfg, opts).await;
+    }
     let paths = OutputPaths::new(&cfg.output_dir);
     let planner = Planner::new(&cfg)?;
     // One run per folder: the lock comes before anything is read or repaired. A folder that does
@@ -552,6 +556,9 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
 
 /// The dry run: everything `run` checks before its first request, and nothing written.
 pub async fn check(cfg: Config) -> anyhow::Result<()> {
+    if !cfg.stages.is_empty() {
+        return check_stages(cfg).await;
+    }
     let paths = OutputPaths::new(&cfg.output_dir);
     let planner = Planner::new(&cfg)?;
     OutputLock::check_free(&paths.dir)?;
@@ -600,5 +607,496 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         );
     }
     println!("ready:   the run would make {} requests", plan.to_run);
+    Ok(())
+}
+
+/// How a stage fared in a run, for the manifest and the summary.
+fn stage_counts(pipeline: &Pipeline) -> Vec<StageCounts> {
+    pipeline.stages.iter().map(|s| StageCounts { name: s.name.to_string(), model: s.cfg.backend().model.clone(), ..Default::default() }).collect()
+}
+
+/// A multi-stage run (`[[stages]]`): rows stream through the stages with no barrier between
+/// them. The next request is taken from the deepest stage that has one (finished rows come out
+/// early, and the rows waiting between stages stay few); a new input row is read only when the
+/// stages below have nothing to send. A request whose record a stage file already holds is not
+/// asked again: its record is read back and the row goes on. The servers of every stage are
+/// checked before the first request (or not at all when nothing is left to ask).
+pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
+    let paths = OutputPaths::new(&cfg.output_dir);
+    let pipeline = Arc::new(Pipeline::new(&cfg)?);
+    let names: Vec<String> = pipeline.names().iter().map(|s| s.to_string()).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
+    let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
+    let rows_in = pipeline.check()?;
+    let prior = if opts.fresh || lock.is_none() {
+        stages::PipelinePrior { stages: names.iter().map(|_| Default::default()).collect(), ..Default::default() }
+    } else {
+        stages::load_prior(&paths.dir, &name_refs, &paths.failures, killed_since.as_deref(), true)?
+    };
+    if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
+        last.status = "killed".into();
+        last.done = prior.stages.iter().map(|s| s.records_since).sum();
+        last.failed = prior.failures_since;
+        eprintln!("note: the last run (started {}) ended without a word (killed?) after finishing {} request{}; continuing", last.started_at, last.done, if last.done == 1 { "" } else { "s" });
+    }
+    for note in &prior.repairs {
+        eprintln!("repaired: {note}");
+    }
+    check_writable(&paths.dir)?;
+
+    // Every stage's servers, checked before the first request: at once when the folder is new
+    // (nothing is created before they answer), else when the first request is due.
+    let mut endpoint_urls = Vec::new();
+    let mut endpoint_base = Vec::new();
+    for st in &pipeline.stages {
+        endpoint_base.push(endpoint_urls.len());
+        endpoint_urls.extend(st.cfg.endpoints.iter().map(|e| format!("{} ({})", e.url, st.name)));
+    }
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let mode = opts.display.resolve();
+    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() };
+    let stop = CancellationToken::new();
+    let check_all = || {
+        let pipeline = pipeline.clone();
+        let progress = progress.clone();
+        let stop = stop.clone();
+        let endpoint_base = endpoint_base.clone();
+        async move {
+            let mut runners = Vec::new();
+            let mut first: Option<ServerInfo> = None;
+            for (i, st) in pipeline.stages.iter().enumerate() {
+                let clients = clients(&st.cfg)?;
+                let (down, server) = check_endpoints(&clients).await.with_context(|| format!("stage {:?} (stages[{i}])", st.name.as_ref()))?;
+                if server.fake {
+                    first.get_or_insert_with(|| server.clone()).fake = true;
+                }
+                first.get_or_insert(server);
+                let role = StageRole { name: Some(st.name.to_string()), index: i, endpoint_base: endpoint_base[i], explode: st.explode.clone() };
+                runners.push(Runner::for_stage(clients, &st.cfg, &down, progress.clone(), stop.clone(), role));
+            }
+            anyhow::Ok((runners, first))
+        }
+    };
+    let mut runners: Option<Vec<Arc<Runner>>> = None;
+    let mut server: Option<ServerInfo> = None;
+    if opts.fresh || lock.is_none() {
+        let (r, s) = check_all().await?;
+        runners = Some(r);
+        server = s;
+    }
+    if opts.fresh && lock.is_some() {
+        let moved = dataset::move_aside(&paths.dir).with_context(|| format!("--fresh: cannot move {} aside", paths.dir.display()))?;
+        lock = None;
+        if let Some(to) = moved {
+            eprintln!("--fresh: moved the old {} to {}", paths.dir.display(), to.display());
+        }
+    }
+    if lock.is_none() {
+        paths.create_dir()?;
+        lock = Some(OutputLock::acquire(&paths.dir)?);
+    }
+    let schemas: Vec<(&str, bool)> = pipeline.stages.iter().map(|s| (s.name.as_ref(), s.has_schema())).collect();
+    let files = StageFiles::open(&paths.dir, &schemas, &cfg.raw.output.formats)?;
+    start_log(&paths.log)?;
+    tracing::info!(config = %cfg.path.display(), stages = %names.join(" -> "), rows = rows_in, "run starting");
+    for note in &prior.repairs {
+        tracing::warn!("{note}");
+    }
+    let plan0 = Plan { rows: rows_in, ..Default::default() };
+    let mut m = Manifest::for_run(&cfg, server.as_ref(), &plan0, std::mem::take(&mut runs));
+    m.stages = stage_counts(&pipeline);
+    let mut reserve = SpaceReserve::create(&paths.dir, 8192.max(2 * serde_json::to_vec_pretty(&m).map(|v| v.len()).unwrap_or(0)));
+    m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
+
+    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5)));
+    progress.send(Event::Started { total: 0, already_done: 0, skipped_failed: 0, endpoints: endpoint_urls });
+    progress.send(Event::Stages { names: names.clone() });
+    let mut signals = stop_signals()?;
+
+    let n = pipeline.stages.len();
+    let global = cfg.total_concurrency();
+    let caps: Vec<usize> = pipeline.stages.iter().map(|s| s.cfg.total_concurrency().min(global)).collect();
+    let mut counts = stage_counts(&pipeline);
+    let mut waiting: Vec<std::collections::VecDeque<FlowRow>> = (0..n).map(|_| Default::default()).collect();
+    let mut ready: Vec<std::collections::VecDeque<(Job, FlowRow)>> = (0..n).map(|_| Default::default()).collect();
+    let mut flying: Vec<usize> = vec![0; n];
+    let mut rows_of: std::collections::HashMap<u64, (usize, FlowRow)> = std::collections::HashMap::new();
+    let mut tasks = futures::stream::FuturesUnordered::new();
+    let mut input = pipeline.rows()?;
+    let mut input_done = false;
+    let mut seq: u64 = 0;
+    let writer = Writer::spawn(files);
+    let (mut fatal, mut stop_signal, mut aborted): (Option<anyhow::Error>, Option<&'static str>, bool) = (None, None, false);
+    let (mut tokens, mut dataset_rows) = (0u64, 0u64);
+    let grace = Duration::from_secs_f64(cfg.run().stop_grace_secs);
+    let outage_limit = Duration::from_secs_f64(cfg.run().outage_wait_secs);
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let mut manifest_at = Instant::now();
+    let mut outage_clock = tokio::time::interval(Duration::from_millis(500));
+    let mut writer_ok = true;
+
+    // What a stage's record means for its row: the record is written (when new), `keep` and
+    // `explode` decide what goes on, and a row past the last stage is a dataset record.
+    macro_rules! on_record {
+        ($s:expr, $row:expr, $rec:expr, $new:expr) => {{
+            let (s, row, mut rec): (usize, FlowRow, Box<Record>) = ($s, $row, $rec);
+            let key = resume::parse_key(&rec.key).unwrap_or(0);
+            match pipeline.advance(s, &row, &rec, key) {
+                Err(e) => {
+                    counts[s].failed += 1;
+                    let f = record::Failure {
+                        id: rec.id.clone(), sample: rec.sample, model: rec.model.clone(), error: e, attempts: rec.attempts, retryable: false,
+                        key: rec.key.clone(), endpoint: rec.endpoint.clone(), when: record::now_rfc3339(), validation_errors: None,
+                        last_reply: None, stage: Some(names[s].clone()), parent: rec.parent.clone(),
+                    };
+                    tracing::error!(stage = %names[s], id = %f.id, error = %f.error, "the row cannot go on");
+                    writer_ok &= writer.send(StageItem::Failure(Box::new(f)));
+                }
+                Ok(adv) => {
+                    if adv.kept == Some(false) {
+                        counts[s].dropped += 1;
+                    }
+                    if let Some(k) = adv.exploded {
+                        counts[s].exploded_into += k as u64;
+                        counts[s].exploded_empty += u64::from(k == 0);
+                    }
+                    if $new {
+                        rec.kept = adv.kept;
+                        tokens += rec.completion_tokens.unwrap_or(0);
+                        writer_ok &= writer.send(StageItem::Record(s, rec));
+                    }
+                    if pipeline.is_last(s) {
+                        for r in adv.rows {
+                            dataset_rows += 1;
+                            writer_ok &= writer.send(StageItem::Row(Box::new(Pipeline::dataset_row(r))));
+                        }
+                    } else {
+                        waiting[s + 1].extend(adv.rows);
+                    }
+                }
+            }
+        }};
+    }
+
+    'run: loop {
+        // Fill: send what can be sent, deepest stage first; turn waiting rows into requests
+        // (or, for requests already answered, into the next stage's rows); read more input only
+        // when the stages below have nothing to do.
+        while stop_signal.is_none() && writer_ok {
+            let mut busy: usize = flying.iter().sum();
+            if busy < global && runners.is_some() {
+                for s in (0..n).rev() {
+                    while busy < global && flying[s] < caps[s] {
+                        let Some((job, row)) = ready[s].pop_front() else { break };
+                        let runner = runners.as_ref().map(|r| r[s].clone()).expect("checked");
+                        let pipeline = pipeline.clone();
+                        let job_seq = job.seq;
+                        rows_of.insert(job_seq, (s, row));
+                        flying[s] += 1;
+                        busy += 1;
+                        let task = AbortOnDropHandle::new(tokio::spawn(async move {
+                            let stage = StagesStage { pipeline, index: s };
+                            runner.run_job(&stage, job).await
+                        }));
+                        tasks.push(async move { (job_seq, task.await) });
+                    }
+                }
+            }
+            if runners.is_none() && ready.iter().any(|r| !r.is_empty()) {
+                let (r, s) = match check_all().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        fatal = Some(e);
+                        break 'run;
+                    }
+                };
+                if let (Some(info), None) = (&s, &server) {
+                    m.server.version = info.version.clone();
+                    m.server.fake = info.fake;
+                }
+                if s.as_ref().is_some_and(|i| i.fake) {
+                    eprintln!("note: the test suite's fake server answers: made-up text (manifest: server.fake)");
+                }
+                server = s;
+                runners = Some(r);
+                continue;
+            }
+            // A waiting row, deepest stage first, where fewer requests wait than can be sent.
+            if let Some(s) = (0..n).rev().find(|&s| !waiting[s].is_empty() && ready[s].len() < caps[s]) {
+                let row = waiting[s].pop_front().expect("not empty");
+                match pipeline.requests(s, &row) {
+                    Err(e) => {
+                        counts[s].failed += 1;
+                        let f = record::Failure {
+                            id: row.id.clone(), sample: 0, model: pipeline.stages[s].cfg.backend().model.clone(), error: e.to_string(), attempts: 0,
+                            retryable: false, key: String::new(), endpoint: None, when: record::now_rfc3339(), validation_errors: None,
+                            last_reply: None, stage: Some(names[s].clone()), parent: row.parent.as_ref().map(|p| p.0.clone()),
+                        };
+                        tracing::error!(stage = %names[s], id = %row.id, error = %f.error, "cannot render the stage's prompt");
+                        writer_ok &= writer.send(StageItem::Failure(Box::new(f)));
+                    }
+                    Ok((prompt, reqs)) => {
+                        let (mut added, mut already) = (0u64, 0u64);
+                        for req in reqs {
+                            added += 1;
+                            counts[s].requested += 1;
+                            if let Some(rec) = prior.stages[s].record(req.key) {
+                                let rec = rec.with_context(|| format!("cannot read back a record of stage {:?}", names[s]))?;
+                                already += 1;
+                                counts[s].already_done += 1;
+                                on_record!(s, row.clone(), Box::new(rec), false);
+                            } else if !opts.redo.failed && prior.failed.contains(&req.key) {
+                                counts[s].skipped_failed += 1;
+                            } else {
+                                seq += 1;
+                                let job = pipeline.job(s, seq, &row, &prompt, req);
+                                ready[s].push_back((job, row.clone()));
+                            }
+                        }
+                        progress.send(Event::StageAdd { stage: s, requests: added, already_done: already });
+                    }
+                }
+                continue;
+            }
+            let buffered: usize = waiting.iter().map(|w| w.len()).sum::<usize>() + ready.iter().map(|r| r.len()).sum::<usize>();
+            if !input_done && buffered < global.max(4) {
+                match input.next() {
+                    Some(Ok(row)) => waiting[0].push_back(row),
+                    Some(Err(e)) => {
+                        fatal = Some(e.into());
+                        break 'run;
+                    }
+                    None => input_done = true,
+                }
+                continue;
+            }
+            break;
+        }
+        if tasks.is_empty() && (stop_signal.is_some() || !writer_ok || (input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty()))) {
+            break;
+        }
+        if manifest_at.elapsed() >= Duration::from_secs(10) {
+            tally_stages(&mut m, &counts, tokens, dataset_rows);
+            if let Err(e) = m.write(&paths.manifest) {
+                tracing::warn!(error = %e, "cannot update the manifest");
+            }
+            manifest_at = Instant::now();
+        }
+        tokio::select! {
+            done = tasks.next(), if !tasks.is_empty() => {
+                let Some((job_seq, result)) = done else { continue };
+                let Some((s, row)) = rows_of.remove(&job_seq) else { continue };
+                flying[s] -= 1;
+                match result {
+                    Ok(JobResult::Record(rec)) => {
+                        counts[s].done += 1;
+                        on_record!(s, row, rec, true);
+                    }
+                    Ok(JobResult::Failure(f)) => {
+                        counts[s].failed += 1;
+                        writer_ok &= writer.send(StageItem::Failure(f));
+                    }
+                    Ok(JobResult::Abandoned) => {}
+                    Err(e) => {
+                        fatal = Some(anyhow::anyhow!("a request's task ended without a result: {e}"));
+                        break;
+                    }
+                }
+            }
+            sig = signals.recv() => {
+                let Some(sig) = sig else { continue };
+                if stop_signal.is_none() {
+                    stop_signal = Some(sig);
+                    stop.cancel();
+                    deadline = tokio::time::Instant::now() + grace;
+                    tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
+                    progress.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
+                } else {
+                    tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
+                    aborted = true;
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if stop_signal.is_some() => {
+                tracing::warn!("grace period over: abandoning the requests in flight");
+                aborted = true;
+                break;
+            }
+            _ = outage_clock.tick(), if !outage_limit.is_zero() && runners.is_some() => {
+                let down = runners.iter().flatten().zip(&pipeline.stages).find_map(|(r, st)| r.pool().all_down_since().filter(|s| s.at.elapsed() >= outage_limit).map(|s| (s, st)));
+                if let Some((since, st)) = down {
+                    fatal = Some(anyhow::anyhow!(
+                        "stopped: the servers of stage {:?} ({}) have been down since {} ({}), longer than run.outage_wait_secs ({}); \
+                         what is finished is kept, and the rest was not marked failed: re-run the same command to continue",
+                        st.name.as_ref(), st.cfg.urls(), humantime::format_rfc3339_seconds(since.wall), progress::short_duration(since.at.elapsed()), progress::short_duration(outage_limit)
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    drop(tasks);
+    for r in runners.iter().flatten() {
+        r.stop_probers();
+    }
+    let (written, write_result) = writer.finish();
+    progress.send(Event::End);
+    drop(ev_tx);
+    drop(progress);
+    let view = display.await.ok();
+
+    tally_stages(&mut m, &counts, written.tokens, written.rows);
+    let failed: u64 = counts.iter().map(|c| c.failed).sum();
+    let error = match (write_result, fatal) {
+        (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
+        (Ok(()), Some(e)) => Some(e),
+        (Ok(()), None) => None,
+    };
+    let status = match (&error, stop_signal, aborted, failed) {
+        (Some(_), ..) => "failed",
+        (None, Some(_), true, _) => "aborted",
+        (None, Some(_), false, _) => "interrupted",
+        (None, None, _, 0) => "completed",
+        (None, None, _, _) => "completed_with_failures",
+    };
+    if let Some(r) = m.current_run() {
+        r.ended_at = Some(record::now_rfc3339());
+        r.status = status.into();
+        r.error = error.as_ref().map(error_text);
+    }
+    reserve.release();
+    let manifest_result = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()));
+    tracing::info!(done = written.records, failed, rows = written.rows, status, "run finished");
+    drop(lock);
+    if let Some(e) = error {
+        tracing::error!(error = %error_text(&e), "run stopped");
+        return Err(e);
+    }
+    manifest_result?;
+    print_stage_summary(&cfg, &paths, &m, view.as_ref(), stop_signal);
+    let skipped: u64 = counts.iter().map(|c| c.skipped_failed).sum();
+    Ok(RunOutcome { failed: failed + skipped, interrupted: stop_signal.is_some() })
+}
+
+/// A stage's request: its messages and schema (what [`get_student_response`] sends).
+struct StagesStage {
+    pipeline: Arc<Pipeline>,
+    index: usize,
+}
+
+impl Stage for StagesStage {
+    fn send<'a>(&'a self, client: &'a dyn ModelClient, job: &'a Job, options: &'a Map<String, Value>, progress: &'a Progress) -> BoxFuture<'a, Result<Reply, ClientError>> {
+        let schema = self.pipeline.stages[self.index].cfg.schema.as_ref().map(|s| &s.value);
+        Box::pin(get_student_response(client, job, options, schema, progress))
+    }
+}
+
+/// The run's counts into the manifest: per stage, and overall (requests of every stage).
+fn tally_stages(m: &mut Manifest, counts: &[StageCounts], tokens: u64, rows: u64) {
+    let sum = |f: fn(&StageCounts) -> u64| counts.iter().map(f).sum::<u64>();
+    m.counts.requests = sum(|c| c.requested);
+    m.counts.already_done = sum(|c| c.already_done);
+    m.counts.skipped_failed = sum(|c| c.skipped_failed);
+    let (done, failed) = (sum(|c| c.done), sum(|c| c.failed));
+    m.counts.done = done;
+    m.counts.failed = failed;
+    m.counts.remaining = m.counts.requests.saturating_sub(m.counts.already_done + m.counts.skipped_failed + done + failed);
+    m.completion_tokens = tokens;
+    m.stages = counts.to_vec();
+    m.dataset_rows = Some(rows);
+    let (requests, already) = (m.counts.requests, m.counts.already_done);
+    if let Some(r) = m.current_run() {
+        r.requests = requests - already;
+        r.already_done = already;
+        r.done = done;
+        r.failed = failed;
+        r.completion_tokens = tokens;
+    }
+}
+
+fn print_stage_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, view: Option<&progress::ProgressView>, stop: Option<&str>) {
+    let elapsed = view.map(|v| v.started.elapsed()).unwrap_or_default();
+    let c = &m.counts;
+    if let Some(sig) = stop {
+        println!("{}: interrupted by {sig}: {} requests done, {} failed; re-run the same command to continue", cfg.name(), c.done, c.failed);
+    } else {
+        println!("{}: {} dataset rows; {} requests done, {} failed, {} already done, in {}", cfg.name(), m.dataset_rows.unwrap_or(0), c.done, c.failed, c.already_done, progress::format_duration(elapsed));
+    }
+    let secs = elapsed.as_secs_f64();
+    println!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 });
+    for s in &m.stages {
+        let mut line = format!("  stage:    {} ({}): {} requests, {} done, {} already done", s.name, s.model, s.requested, s.done, s.already_done);
+        if s.failed > 0 {
+            line.push_str(&format!(", {} failed", s.failed));
+        }
+        if s.dropped > 0 {
+            line.push_str(&format!(", {} dropped by keep", s.dropped));
+        }
+        if s.exploded_into > 0 || s.exploded_empty > 0 {
+            line.push_str(&format!(", exploded into {} rows", s.exploded_into));
+        }
+        println!("{line}");
+    }
+    for f in &cfg.raw.output.formats {
+        let p = match f {
+            config::OutputFormat::Jsonl => &paths.jsonl,
+            config::OutputFormat::Csv => &paths.csv,
+        };
+        println!("  dataset:  {}", p.display());
+    }
+    println!("  stages:   {}", paths.dir.join("stages").display());
+    if c.failed > 0 {
+        println!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed);
+    }
+    println!("  manifest: {}", paths.manifest.display());
+    println!("  log:      {}", paths.log.display());
+}
+
+/// The dry run of a multi-stage config: the input, every stage's first prompt that can be
+/// rendered from the input alone, and every stage's servers.
+async fn check_stages(cfg: Config) -> anyhow::Result<()> {
+    let paths = OutputPaths::new(&cfg.output_dir);
+    let pipeline = Pipeline::new(&cfg)?;
+    OutputLock::check_free(&paths.dir)?;
+    let rows = pipeline.check()?;
+    println!("config:  {} is valid", cfg.path.display());
+    println!("input:   {}: {} rows", cfg.input_path.display(), rows);
+    for (i, st) in pipeline.stages.iter().enumerate() {
+        let mut how = vec![format!("model {}", st.cfg.backend().model)];
+        if st.samples() > 1 {
+            how.push(format!("{} samples", st.samples()));
+        }
+        if let Some(f) = &st.explode {
+            how.push(format!("explodes `{f}`"));
+        }
+        if let Some(k) = &st.keep {
+            how.push(format!("keeps {}", k.source()));
+        }
+        println!("stage {}: {} ({})", i + 1, st.name, how.join(", "));
+    }
+    if let Some(row) = pipeline.rows()?.next() {
+        let row = row?;
+        let (prompt, _) = pipeline.requests(0, &row)?;
+        println!("first prompt ({}, row {}):", pipeline.stages[0].name, row.id);
+        for line in prompt.lines() {
+            println!("  │ {line}");
+        }
+    }
+    check_writable(&paths.dir)?;
+    for st in &pipeline.stages {
+        for c in &clients(&st.cfg)? {
+            let server = c.check().await.with_context(|| format!("stage {:?}", st.name.as_ref()))?;
+            println!(
+                "server:  {} at {}{}; model {} is there (stage {})",
+                c.kind(),
+                c.url(),
+                server.version.as_deref().map(|v| format!(" (version {v})")).unwrap_or_default(),
+                st.cfg.backend().model,
+                st.name
+            );
+        }
+    }
+    println!("ready:   {rows} input rows; later stages' requests depend on the replies");
     Ok(())
 }

@@ -1,0 +1,622 @@
+//! Multi-stage pipelines (`[[stages]]`): rows that flow through several requests in order, a
+//! teacher's question, a student's answer, a judge's score. This module owns what a row carries
+//! from stage to stage, what a stage's template sees, the ids of downstream rows, `explode` and
+//! `keep`, the records of `stages/<name>.jsonl` read back for resume, and the rows of the
+//! composed `dataset.jsonl`. The scheduling of requests is the binary's (`pipeline.rs`).
+//!
+//! Ids: a row keeps its id through the stages, except that
+//! - a stage with `samples_per_prompt = N > 1` makes N rows downstream, `ID#0` .. `ID#N-1`;
+//! - a stage that explodes an array makes one row per element, `ID/0`, `ID/1`, ... (0-based);
+//!
+//! so the third question of topic `t01` is `t01/2`, and its second sampled answer `t01/2#1`.
+//! The same config and input always give the same ids. A stage's record has the id of the row it
+//! answered and `parent`, the id of the row the previous stage answered.
+//!
+//! Keys chain: a later stage's request key includes the key of the record it was made from, so an
+//! edited stage re-runs itself and everything below it, and nothing above.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::config::{Config, OutputFormat};
+use crate::dataset::{csv_bytes, AppendFile, CsvFile, DatasetError, JsonlFile, OutputPaths, RecordSink, Sink, Written};
+use crate::input::{IdSet, Row};
+use crate::plan::{Job, PlanError, Planner};
+use crate::progress::JobId;
+use crate::record::Record;
+use crate::resume::{cut_torn_tail, parse_key, ResumeError};
+use crate::template::KeepExpr;
+
+/// What a stage contributed to a row: what its template variable holds for later stages, and
+/// its object in the row's `dataset.jsonl` record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageOutput {
+    pub system: Option<String>,
+    pub prompt: String,
+    pub response: String,
+    pub thinking: Option<String>,
+    pub parsed: Option<Value>,
+    /// The element of the exploded array this row stands for (stages with `explode`).
+    pub item: Option<Value>,
+    pub item_index: Option<u64>,
+    pub model: String,
+    pub done_reason: Option<String>,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    pub finished_at: String,
+}
+
+impl StageOutput {
+    pub fn of(r: &Record, item: Option<(Value, u64)>) -> StageOutput {
+        let (item, item_index) = match item {
+            Some((v, i)) => (Some(v), Some(i)),
+            None => (None, None),
+        };
+        StageOutput {
+            system: r.system.clone(),
+            prompt: r.prompt.clone(),
+            response: r.response.clone(),
+            thinking: r.thinking.clone(),
+            parsed: r.parsed.clone(),
+            item,
+            item_index,
+            model: r.model.clone(),
+            done_reason: r.done_reason.clone(),
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            duration_ms: r.duration_ms,
+            attempts: r.attempts,
+            finished_at: r.finished_at.clone(),
+        }
+    }
+}
+
+/// The fields of a [`StageOutput`], in order: the dataset CSV's `<stage>.<field>` columns.
+pub const OUTPUT_FIELDS: &[&str] = &[
+    "system", "prompt", "response", "thinking", "parsed", "item", "item_index", "model", "done_reason", "prompt_tokens",
+    "completion_tokens", "duration_ms", "attempts", "finished_at",
+];
+
+/// A row on its way through the stages.
+#[derive(Debug, Clone)]
+pub struct FlowRow {
+    pub id: String,
+    /// The input line it comes from (for messages).
+    pub line: u64,
+    pub input: Arc<Map<String, Value>>,
+    /// What the stages before this one made of it, in order, by name.
+    pub earlier: Vec<(Arc<str>, Arc<StageOutput>)>,
+    /// The row the previous stage answered, and its record's key.
+    pub parent: Option<(String, u128)>,
+}
+
+impl FlowRow {
+    pub fn from_input(row: Row) -> FlowRow {
+        FlowRow { id: row.id, line: row.line, input: Arc::new(row.fields), earlier: Vec::new(), parent: None }
+    }
+
+    /// What a template (and `keep`) sees: the input row's fields, and each earlier stage's
+    /// output under the stage's name.
+    pub fn context(&self) -> Map<String, Value> {
+        let mut ctx = (*self.input).clone();
+        for (name, out) in &self.earlier {
+            ctx.insert(name.to_string(), serde_json::to_value(out.as_ref()).unwrap_or(Value::Null));
+        }
+        ctx
+    }
+}
+
+/// A row that went through every stage and passed every `keep`: a record of `dataset.jsonl`,
+/// `{"id", "input", "<stage>": {...}, ...}` in stage order.
+#[derive(Debug, Clone)]
+pub struct DatasetRow {
+    pub id: String,
+    pub input: Arc<Map<String, Value>>,
+    pub stages: Vec<(Arc<str>, Arc<StageOutput>)>,
+}
+
+impl Serialize for DatasetRow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(2 + self.stages.len()))?;
+        m.serialize_entry("id", &self.id)?;
+        m.serialize_entry("input", self.input.as_ref())?;
+        for (name, out) in &self.stages {
+            m.serialize_entry(name.as_ref(), out.as_ref())?;
+        }
+        m.end()
+    }
+}
+
+/// The dataset CSV's header: `id`, `input` (JSON), then `<stage>.<field>` for every stage.
+pub fn dataset_csv_columns(stages: &[&str]) -> Vec<String> {
+    let mut c = vec!["id".to_owned(), "input".to_owned()];
+    for s in stages {
+        c.extend(OUTPUT_FIELDS.iter().map(|f| format!("{s}.{f}")));
+    }
+    c
+}
+
+impl DatasetRow {
+    /// The CSV row ([`dataset_csv_columns`]): text as it is, other values as compact JSON, an
+    /// absent value as an empty cell.
+    pub fn csv_fields(&self) -> Vec<String> {
+        let mut row = vec![self.id.clone(), Value::Object((*self.input).clone()).to_string()];
+        for (_, out) in &self.stages {
+            let v = serde_json::to_value(out.as_ref()).unwrap_or(Value::Null);
+            for f in OUTPUT_FIELDS {
+                row.push(match v.get(*f) {
+                    None | Some(Value::Null) => String::new(),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(other) => other.to_string(),
+                });
+            }
+        }
+        row
+    }
+}
+
+/// One stage, ready to plan requests.
+pub struct StagePlan {
+    pub name: Arc<str>,
+    pub index: usize,
+    pub planner: Planner,
+    /// The stage seen as a one-stage config.
+    pub cfg: Config,
+    pub explode: Option<String>,
+    pub keep: Option<KeepExpr>,
+}
+
+impl StagePlan {
+    pub fn samples(&self) -> u32 {
+        self.cfg.run().samples_per_prompt
+    }
+    pub fn has_schema(&self) -> bool {
+        self.cfg.schema.is_some()
+    }
+}
+
+/// A request a row asks of a stage.
+pub struct StageRequest {
+    pub sample: u32,
+    pub key: u128,
+    options: Map<String, Value>,
+    seed: Option<i64>,
+}
+
+/// What became of a row after a stage's record.
+#[derive(Debug)]
+pub struct Advance {
+    /// With `keep`: whether it passed.
+    pub kept: Option<bool>,
+    /// With `explode`: how many rows the array made (0 ends the row).
+    pub exploded: Option<usize>,
+    /// The rows for the next stage; after the last stage, the rows of the dataset.
+    pub rows: Vec<FlowRow>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{path}: `{key}`: {message}")]
+    Config { path: PathBuf, key: String, message: String },
+}
+
+/// Every stage of a run.
+pub struct Pipeline {
+    pub stages: Vec<StagePlan>,
+    cfg: Config,
+    /// The input's rows, read with the run's own settings (limit, shard).
+    input: Planner,
+}
+
+impl Pipeline {
+    pub fn new(cfg: &Config) -> Result<Pipeline, StageError> {
+        let mut stages = Vec::new();
+        for (i, spec) in cfg.stages.iter().enumerate() {
+            let keep = match &spec.keep {
+                Some(k) => Some(KeepExpr::new(k).map_err(|message| StageError::Config { path: cfg.path.clone(), key: format!("stages[{i}].keep"), message })?),
+                None => None,
+            };
+            stages.push(StagePlan { name: Arc::from(spec.name.as_str()), index: i, planner: Planner::new(&spec.cfg)?, cfg: (*spec.cfg).clone(), explode: spec.explode.clone(), keep });
+        }
+        Ok(Pipeline { stages, cfg: cfg.clone(), input: Planner::new(cfg)? })
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.stages.iter().map(|s| s.name.as_ref()).collect()
+    }
+
+    /// The input's rows as rows of the first stage.
+    pub fn rows(&self) -> Result<impl Iterator<Item = Result<FlowRow, PlanError>> + '_, PlanError> {
+        Ok(self.input.rows()?.map(|r| r.map(FlowRow::from_input).map_err(PlanError::from)))
+    }
+
+    /// Reads the whole input once before the run: ids unique, no field named like a stage, every
+    /// row renders the first stage's template, and every later template's variables are fields
+    /// of the input (its first row) or earlier stages. Returns the number of rows.
+    pub fn check(&self) -> Result<u64, StageError> {
+        let mut ids = IdSet::default();
+        let mut rows = 0u64;
+        let first = &self.stages[0];
+        for row in self.rows()? {
+            let row = row?;
+            ids.push(&row.id, row.line);
+            for (i, s) in self.stages.iter().enumerate() {
+                if row.input.contains_key(s.name.as_ref()) {
+                    return Err(self.key_error(
+                        &format!("stages[{i}].name"),
+                        format!("{}: row {} (line {}) has a field {:?}, the name of a stage: rename the stage (the template variable would be ambiguous)", self.cfg.input_path.display(), row.id, row.line, s.name.as_ref()),
+                    ));
+                }
+            }
+            if rows == 0 {
+                for (i, s) in self.stages.iter().enumerate().skip(1) {
+                    for v in s.planner.variables() {
+                        if !row.input.contains_key(v) && !self.stages[..i].iter().any(|e| e.name.as_ref() == v) {
+                            let mut have: Vec<&str> = row.input.keys().map(String::as_str).collect();
+                            have.sort();
+                            return Err(self.key_error(
+                                &format!("stages[{i}].template"),
+                                format!(
+                                    "stage {:?} uses `{v}`, which is neither a field of the input ({}) nor an earlier stage ({})",
+                                    s.name.as_ref(),
+                                    have.join(", "),
+                                    self.stages[..i].iter().map(|e| e.name.as_ref()).collect::<Vec<_>>().join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+            first.planner.render(&Row { id: row.id.clone(), line: row.line, fields: (*row.input).clone() })?;
+            rows += 1;
+        }
+        if rows == 0 {
+            return Err(PlanError::Empty { path: self.cfg.input_path.clone() }.into());
+        }
+        if let Some(d) = ids.first_duplicate(|lines| {
+            let mut found = HashMap::new();
+            for row in self.input.rows()? {
+                let row = row?;
+                if lines.contains(&row.line) {
+                    found.insert(row.line, row.id);
+                }
+            }
+            Ok::<_, PlanError>(found)
+        })? {
+            return Err(PlanError::DuplicateId {
+                path: self.cfg.input_path.clone(),
+                line: d.line,
+                id: d.id,
+                first: d.first,
+                hint: self.cfg.raw.input.id_field.as_ref().map(|f| format!(" (input.id_field = {f:?})")).unwrap_or_default(),
+            }
+            .into());
+        }
+        Ok(rows)
+    }
+
+    fn key_error(&self, key: &str, message: String) -> StageError {
+        StageError::Config { path: self.cfg.path.clone(), key: key.to_owned(), message }
+    }
+
+    /// A row's prompt at stage `s` and its requests (one per sample), keys chained to its parent.
+    pub fn requests(&self, s: usize, row: &FlowRow) -> Result<(String, Vec<StageRequest>), PlanError> {
+        let st = &self.stages[s];
+        let r = Row { id: row.id.clone(), line: row.line, fields: row.context() };
+        let prompt = st.planner.render(&r)?;
+        let parent = row.parent.as_ref().map(|p| p.1);
+        let reqs = (0..st.samples())
+            .map(|sample| {
+                let (options, seed, key) = st.planner.chained_request(&row.id, &prompt, sample, parent);
+                StageRequest { sample, key, options, seed }
+            })
+            .collect();
+        Ok((prompt, reqs))
+    }
+
+    /// The job of one of a row's requests.
+    pub fn job(&self, s: usize, seq: JobId, row: &FlowRow, prompt: &str, req: StageRequest) -> Job {
+        let mut job = self.stages[s].planner.job_with(seq, &row.id, &row.input, prompt, req.sample, (req.options, req.seed, req.key));
+        job.parent = row.parent.as_ref().map(|p| p.0.clone());
+        job
+    }
+
+    /// A row's way on after stage `s` answered it with `rec` (whose key is `key`): `keep`, then
+    /// the rows for the next stage (or of the dataset, after the last).
+    pub fn advance(&self, s: usize, row: &FlowRow, rec: &Record, key: u128) -> Result<Advance, String> {
+        let st = &self.stages[s];
+        let out = Arc::new(StageOutput::of(rec, None));
+        let kept = match &st.keep {
+            None => None,
+            Some(k) => {
+                let mut ctx = row.context();
+                ctx.insert(st.name.to_string(), serde_json::to_value(out.as_ref()).unwrap_or(Value::Null));
+                Some(k.eval(&ctx)?)
+            }
+        };
+        let mut adv = Advance { kept, exploded: None, rows: Vec::new() };
+        if kept == Some(false) {
+            return Ok(adv);
+        }
+        let id = if st.samples() > 1 { format!("{}#{}", row.id, rec.sample) } else { row.id.clone() };
+        let child = |id: String, out: Arc<StageOutput>| {
+            let mut earlier = row.earlier.clone();
+            earlier.push((st.name.clone(), out));
+            FlowRow { id, line: row.line, input: row.input.clone(), earlier, parent: Some((row.id.clone(), key)) }
+        };
+        match &st.explode {
+            None => adv.rows.push(child(id, out)),
+            Some(f) => {
+                let items = rec.parsed.as_ref().and_then(|p| p.get(f)).and_then(Value::as_array).ok_or_else(|| format!("`parsed.{f}` is not an array"))?;
+                adv.exploded = Some(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    let mut o = (*out).clone();
+                    o.item = Some(item.clone());
+                    o.item_index = Some(i as u64);
+                    adv.rows.push(child(format!("{id}/{i}"), Arc::new(o)));
+                }
+            }
+        }
+        Ok(adv)
+    }
+
+    pub fn is_last(&self, s: usize) -> bool {
+        s + 1 == self.stages.len()
+    }
+
+    /// The dataset record of a row that went through every stage.
+    pub fn dataset_row(row: FlowRow) -> DatasetRow {
+        DatasetRow { id: row.id, input: row.input, stages: row.earlier }
+    }
+}
+
+/// Where a multi-stage run's files are, beside the one-stage names of [`crate::dataset::OutputPaths`].
+pub fn stage_jsonl(dir: &Path, name: &str) -> PathBuf {
+    dir.join("stages").join(format!("{name}.jsonl"))
+}
+
+pub fn stage_csv(dir: &Path, name: &str) -> PathBuf {
+    dir.join("stages").join(format!("{name}.csv"))
+}
+
+#[derive(Deserialize)]
+struct KeyHead {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    finished_at: String,
+}
+
+#[derive(Deserialize)]
+struct FailHead {
+    #[serde(default)]
+    key: String,
+    #[serde(default)]
+    when: String,
+}
+
+/// What a stage's file held before this run: where each key's latest record starts, to read it
+/// back when a row needs it (a finished request is never asked again).
+#[derive(Debug, Default)]
+pub struct StagePrior {
+    pub done: HashMap<u128, u64>,
+    file: Option<PathBuf>,
+    /// Records finished at or after the `since` time given to [`load_prior`].
+    pub records_since: u64,
+}
+
+impl StagePrior {
+    /// The record with key `k`, read from the file.
+    pub fn record(&self, k: u128) -> Option<io::Result<Record>> {
+        let offset = *self.done.get(&k)?;
+        let path = self.file.as_ref()?;
+        Some((|| {
+            use std::io::{Seek, SeekFrom};
+            let mut f = BufReader::new(File::open(path)?);
+            f.seek(SeekFrom::Start(offset))?;
+            let mut line = Vec::new();
+            f.read_until(b'\n', &mut line)?;
+            serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{} at byte {offset}: {e}", path.display())))
+        })())
+    }
+}
+
+/// What a multi-stage folder held before this run.
+#[derive(Debug, Default)]
+pub struct PipelinePrior {
+    pub stages: Vec<StagePrior>,
+    /// Keys in `failures.jsonl` that no record has answered since.
+    pub failed: HashSet<u128>,
+    pub failures_since: u64,
+    pub repairs: Vec<String>,
+}
+
+/// Reads the stage files and failures back (cutting torn last lines when `repair`).
+pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&str>, repair: bool) -> Result<PipelinePrior, ResumeError> {
+    let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
+    let mut prior = PipelinePrior::default();
+    let io_err = |p: &Path| {
+        let p = p.to_owned();
+        move |source: io::Error| ResumeError::Io { path: p.clone(), source }
+    };
+    for name in names {
+        let path = stage_jsonl(dir, name);
+        if repair {
+            prior.repairs.extend(cut_torn_tail(&path)?);
+        }
+        let mut sp = StagePrior { file: Some(path.clone()), ..Default::default() };
+        match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+            Ok(f) => {
+                let mut r = BufReader::new(f);
+                let (mut offset, mut line, mut n) = (0u64, Vec::new(), 0u64);
+                loop {
+                    line.clear();
+                    let len = r.read_until(b'\n', &mut line).map_err(io_err(&path))?;
+                    if len == 0 || !line.ends_with(b"\n") {
+                        break;
+                    }
+                    n += 1;
+                    let head: KeyHead = serde_json::from_slice(&line)
+                        .map_err(|e| ResumeError::BadLine { path: path.clone(), line: n, message: e.to_string() })?;
+                    if let Some(k) = parse_key(&head.key) {
+                        sp.done.insert(k, offset);
+                    }
+                    sp.records_since += u64::from(after(&head.finished_at));
+                    offset += len as u64;
+                }
+            }
+        }
+        prior.stages.push(sp);
+    }
+    if repair {
+        prior.repairs.extend(cut_torn_tail(failures)?);
+    }
+    if let Ok(f) = File::open(failures) {
+        for (n, line) in BufReader::new(f).lines().enumerate() {
+            let line = line.map_err(io_err(failures))?;
+            let Ok(head) = serde_json::from_str::<FailHead>(&line) else {
+                return Err(ResumeError::BadLine { path: failures.to_owned(), line: n as u64 + 1, message: "not a failure record".into() });
+            };
+            prior.failures_since += u64::from(after(&head.when));
+            if let Some(k) = parse_key(&head.key) {
+                prior.failed.insert(k);
+            }
+        }
+    }
+    prior.failed.retain(|k| !prior.stages.iter().any(|s| s.done.contains_key(k)));
+    Ok(prior)
+}
+
+/// The files a multi-stage run writes: per stage, its records (JSONL, and CSV when configured);
+/// the composed dataset; failures. The dataset files are derived: each run writes them anew, from
+/// what every stage holds, so that they always match the config.
+pub struct StageFiles {
+    stages: Vec<(JsonlFile, Option<CsvFile>)>,
+    rows_jsonl: Option<JsonlFile>,
+    rows_csv: Option<AppendFile>,
+    failures: JsonlFile,
+    dirty: bool,
+    last_sync: std::time::Instant,
+}
+
+/// What the writer is asked to write.
+pub enum StageItem {
+    Record(usize, Box<Record>),
+    Failure(Box<crate::record::Failure>),
+    Row(Box<DatasetRow>),
+}
+
+impl StageFiles {
+    /// Opens every file (the dataset files emptied first).
+    pub fn open(dir: &Path, stages: &[(&str, bool)], formats: &[OutputFormat]) -> Result<StageFiles, DatasetError> {
+        let paths = OutputPaths::new(dir);
+        let create = |p: &Path| std::fs::create_dir_all(p).map_err(|source| DatasetError::Open { path: p.to_owned(), source });
+        create(&dir.join("stages"))?;
+        let csv = formats.contains(&OutputFormat::Csv);
+        let mut files = Vec::new();
+        for (name, schema) in stages {
+            let j = JsonlFile::open(&stage_jsonl(dir, name))?;
+            let c = if csv { Some(CsvFile::open(&stage_csv(dir, name), *schema)?) } else { None };
+            files.push((j, c));
+        }
+        for p in [&paths.jsonl, &paths.csv] {
+            match std::fs::remove_file(p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(DatasetError::Open { path: p.to_owned(), source: e }),
+                _ => {}
+            }
+        }
+        let rows_jsonl = if formats.contains(&OutputFormat::Jsonl) { Some(JsonlFile::open(&paths.jsonl)?) } else { None };
+        let rows_csv = if csv {
+            let mut f = AppendFile::open(&paths.csv)?;
+            let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+            csv_bytes(dataset_csv_columns(&names)).and_then(|b| f.append(&b)).map_err(|source| DatasetError::Write { path: paths.csv.clone(), source })?;
+            Some(f)
+        } else {
+            None
+        };
+        Ok(StageFiles { stages: files, rows_jsonl, rows_csv, failures: JsonlFile::open(&paths.failures)?, dirty: false, last_sync: std::time::Instant::now() })
+    }
+
+    fn write(&mut self, item: &StageItem) -> Result<(), DatasetError> {
+        match item {
+            StageItem::Record(s, r) => {
+                let (j, c) = &mut self.stages[*s];
+                j.append(r.as_ref()).map_err(write_err(j.path()))?;
+                if let Some(c) = c {
+                    c.write(r).map_err(write_err(c.path()))?;
+                }
+            }
+            StageItem::Failure(f) => self.failures.append(f.as_ref()).map_err(write_err(self.failures.path()))?,
+            StageItem::Row(r) => {
+                if let Some(j) = &mut self.rows_jsonl {
+                    j.append(r.as_ref()).map_err(write_err(j.path()))?;
+                }
+                if let Some(c) = &mut self.rows_csv {
+                    csv_bytes(r.csv_fields()).and_then(|b| c.append(&b)).map_err(write_err(c.path()))?;
+                }
+            }
+        }
+        self.dirty = true;
+        if self.last_sync.elapsed() >= crate::dataset::SYNC_INTERVAL {
+            Sink::sync(self)?;
+        }
+        Ok(())
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> DatasetError {
+    let path = path.to_owned();
+    move |source| DatasetError::Write { path, source }
+}
+
+impl Sink for StageFiles {
+    type Item = StageItem;
+
+    fn put(&mut self, item: StageItem, written: &mut Written) -> Result<(), DatasetError> {
+        self.write(&item)?;
+        match item {
+            StageItem::Record(_, r) => {
+                written.records += 1;
+                written.tokens += r.completion_tokens.unwrap_or(0);
+            }
+            StageItem::Failure(_) => written.failures += 1,
+            StageItem::Row(_) => written.rows += 1,
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), DatasetError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        for (j, c) in &mut self.stages {
+            j.sync().map_err(write_err(j.path()))?;
+            if let Some(c) = c {
+                c.sync().map_err(write_err(c.path()))?;
+            }
+        }
+        if let Some(j) = &mut self.rows_jsonl {
+            j.sync().map_err(write_err(j.path()))?;
+        }
+        if let Some(c) = &mut self.rows_csv {
+            c.sync().map_err(write_err(c.path()))?;
+        }
+        self.failures.sync().map_err(write_err(self.failures.path()))?;
+        self.dirty = false;
+        self.last_sync = std::time::Instant::now();
+        Ok(())
+    }
+}
