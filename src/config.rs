@@ -773,7 +773,7 @@ fn check_stage_refs(vars: &[String], names: &[&str], i: usize, own_ok: bool) -> 
     for v in vars {
         if let Some(j) = names.iter().position(|n| n == v) {
             if j > i || (j == i && !own_ok) {
-                let when = if j == i { "itself".to_owned() } else { format!("stage {v:?} (stages[{j}]), which comes later") };
+                let when = if j == i { "the stage's own name (if it is a field of the input, rename the stage)".to_owned() } else { format!("stage {v:?} (stages[{j}]), which comes later") };
                 return Err(format!("uses `{v}`: {when}; a stage reads the input row and the stages before it"));
             }
         }

@@ -32,6 +32,10 @@ pub struct Source {
     pub dataset: PathBuf,
     pub csv: bool,
     pub failures: Option<PathBuf>,
+    /// A multi-stage run's `dataset.jsonl`, read as the records of this stage (its object in
+    /// each row, with the row's id and input): what `export --stage` makes training rows of.
+    /// For a stage file, the stage whose failures count.
+    pub stage: Option<String>,
 }
 
 impl Source {
@@ -58,7 +62,7 @@ impl Source {
         };
         let csv = dataset.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("csv"));
         let failures = Some(dir.join("failures.jsonl")).filter(|f| f.is_file());
-        Ok(Source { dataset, csv, failures })
+        Ok(Source { dataset, csv, failures, stage: None })
     }
 }
 
@@ -108,6 +112,22 @@ pub fn for_each_record(
             }
         }
     }
+    if let Some(stage) = src.stage.as_deref().filter(|_| !is_stage_file(&src.dataset)) {
+        for item in JsonlReader::<Value>::open(&src.dataset).map_err(io_err)? {
+            match item.map_err(io_err)? {
+                (line, Ok(row)) => match stage_record(&row, stage) {
+                    Ok(r) => {
+                        if !each(r, line) {
+                            return Ok(());
+                        }
+                    }
+                    Err(error) => bad(Malformed { line, error }),
+                },
+                (line, Err(b)) => bad(Malformed { line, error: b.error }),
+            }
+        }
+        return Ok(());
+    }
     let lines = JsonlReader::<Record>::open(&src.dataset).map_err(io_err)?;
     for item in lines {
         match item.map_err(io_err)? {
@@ -123,6 +143,22 @@ pub fn for_each_record(
         }
     }
     Ok(())
+}
+
+/// Whether a path is a stage's own file (`stages/<name>.jsonl`), which holds records.
+fn is_stage_file(p: &Path) -> bool {
+    p.parent().and_then(|d| d.file_name()).is_some_and(|n| n == "stages")
+}
+
+/// A stage's record out of a multi-stage dataset row: the stage's object, with the row's id and
+/// input (and no key: the row is the current config's by construction).
+fn stage_record(row: &Value, stage: &str) -> Result<Record, String> {
+    let obj = row.get(stage).filter(|o| o.is_object()).ok_or_else(|| format!("the row has no stage {stage:?} (a multi-stage dataset row has one object per stage)"))?;
+    let mut r: Record = serde_json::from_value(obj.clone()).map_err(|e| format!("stage {stage:?}: {e}"))?;
+    r.id = row.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
+    r.input = row.get("input").and_then(Value::as_object).cloned().unwrap_or_default();
+    r.stage = Some(stage.to_owned());
+    Ok(r)
 }
 
 /// Log-bucketed histogram: exact count, min, max and mean; quantiles within about 1%.
@@ -277,6 +313,9 @@ pub struct Report {
     /// For a run with a schema: re-asks and the top-level fields of `parsed`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub structured: Option<Structured>,
+    /// A stage with `keep`: records whose row went on, of those judged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kept: Option<(u64, u64)>,
 }
 
 /// What the `parsed` values of a run with a schema hold.
@@ -408,6 +447,7 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
     let mut reservoir: Vec<Record> = Vec::new();
     let mut by_id = Vec::new();
     let mut structured = Structured::default();
+    let mut kept: Option<(u64, u64)> = None;
     let mut rng = opts.seed ^ 0x9e37_79b9_7f4a_7c15;
     let mut next_rand = move || {
         rng ^= rng << 13;
@@ -455,6 +495,11 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
                 thinking += 1;
             }
             structured.add(&r);
+            if let Some(k) = r.kept {
+                let c = kept.get_or_insert((0, 0));
+                c.0 += u64::from(k);
+                c.1 += 1;
+            }
             *models.entry(r.model.clone()).or_insert(0) += 1;
             *samples.entry(r.sample).or_insert(0) += 1;
             if opts.id.as_deref() == Some(r.id.as_str()) {
@@ -522,6 +567,7 @@ pub fn inspect(src: &Source, opts: &InspectOptions) -> Result<Report, InspectErr
             structured
         }),
         by_id,
+        kept,
     })
 }
 
@@ -552,6 +598,9 @@ fn summarize_failures(
             malformed += 1;
             continue;
         };
+        if src.stage.is_some() && fail.stage != src.stage {
+            continue;
+        }
         lines += 1;
         let done = match &dataset_keys {
             Some(keys) => parse_key(&fail.key).is_some_and(|k| keys.contains(&k)),
@@ -648,6 +697,9 @@ impl Report {
             ("with thinking", self.with_thinking),
         ] {
             let _ = writeln!(s, "  {label}: {v} ({})", pct(v, n));
+        }
+        if let Some((k, of)) = self.kept {
+            let _ = writeln!(s, "keep: {k} of {of} rows went on ({}); {} dropped", pct(k, of), of - k);
         }
         if let Some(st) = &self.structured {
             let _ = writeln!(

@@ -13,4 +13,5 @@ mod pipeline;
 mod real_model;
 mod resume;
 mod scale;
+mod stages;
 mod structured;

@@ -124,12 +124,19 @@ struct InspectArgs {
     /// Print the figures as one JSON object.
     #[arg(long)]
     json: bool,
+    /// A multi-stage run: only this stage (default: every stage, in order).
+    #[arg(long, value_name = "NAME")]
+    stage: Option<String>,
 }
 
 #[derive(Args, Debug)]
 struct ExportArgs {
     /// An output folder, a dataset.jsonl or a dataset.csv.
     path: PathBuf,
+    /// A multi-stage run: training rows from this stage's prompt and response, for the rows of
+    /// dataset.jsonl (those that went through every stage and passed every `keep`).
+    #[arg(long, value_name = "NAME")]
+    stage: Option<String>,
     #[arg(long, short = 'f', value_enum)]
     format: ExportFormat,
     /// Output file, written atomically; `-` or none for stdout.
@@ -234,7 +241,62 @@ fn config_keys(path: Option<&Path>) -> anyhow::Result<Option<std::collections::H
     Ok(Some(data_generator::plan::Planner::new(&cfg)?.keys()?))
 }
 
+/// The stages of a multi-stage output folder, in run order (the manifest's; else the files').
+fn stage_names(dir: &Path) -> Option<Vec<String>> {
+    let stages = dir.join("stages");
+    if !stages.is_dir() {
+        return None;
+    }
+    let from_manifest = std::fs::read(dir.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m["stages"].as_array().map(|a| a.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect::<Vec<_>>()))
+        .filter(|v| !v.is_empty());
+    from_manifest.or_else(|| {
+        let mut names: Vec<String> = std::fs::read_dir(&stages)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".jsonl").map(str::to_owned))
+            .collect();
+        names.sort();
+        Some(names)
+    })
+}
+
+/// `inspect` of a multi-stage folder: the composed dataset's size, then each stage's report.
+fn inspect_stages(args: &InspectArgs, names: &[String]) -> anyhow::Result<u8> {
+    let dir = &args.path;
+    let wanted: Vec<&String> = match &args.stage {
+        Some(s) if !names.contains(s) => anyhow::bail!("{}: no stage {s:?} (its stages: {})", dir.display(), names.join(", ")),
+        Some(s) => vec![s],
+        None => names.iter().collect(),
+    };
+    let rows = std::fs::read(dir.join("dataset.jsonl")).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0);
+    let failures = Some(dir.join("failures.jsonl")).filter(|f| f.is_file());
+    let mut reports = serde_json::Map::new();
+    let mut text = format!("multi-stage run: {} ({}); dataset.jsonl: {rows} rows that went through every stage\n", dir.display(), names.join(" -> "));
+    for name in wanted {
+        let src = Source { dataset: data_generator::stages::stage_jsonl(dir, name), csv: false, failures: failures.clone(), stage: Some(name.clone()) };
+        let opts = InspectOptions { sample: args.sample.unwrap_or(0), seed: args.seed, id: args.id.clone(), current_keys: None };
+        let report = inspect::inspect(&src, &opts)?;
+        text.push_str(&format!("\n── stage {name} ──\n{}", report.to_text()));
+        reports.insert(name.clone(), serde_json::to_value(&report)?);
+    }
+    let out = if args.json {
+        serde_json::to_string_pretty(&serde_json::json!({"dataset_rows": rows, "stages": reports}))? + "\n"
+    } else {
+        text
+    };
+    write_stdout(out.as_bytes())?;
+    Ok(0)
+}
+
 fn inspect(args: InspectArgs) -> anyhow::Result<u8> {
+    if let Some(names) = stage_names(&args.path) {
+        return inspect_stages(&args, &names);
+    }
+    if let Some(s) = &args.stage {
+        anyhow::bail!("--stage {s}: {} is not the output folder of a multi-stage run", args.path.display());
+    }
     let src = Source::locate(&args.path)?;
     let opts = InspectOptions {
         sample: args.sample.unwrap_or(0),
@@ -258,7 +320,22 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<u8> {
-    let src = Source::locate(&args.path)?;
+    let mut src = Source::locate(&args.path)?;
+    let dir = if args.path.is_dir() { args.path.clone() } else { args.path.parent().map(Path::to_path_buf).unwrap_or_default() };
+    match (stage_names(&dir), &args.stage) {
+        (Some(names), Some(s)) if !names.contains(s) => anyhow::bail!("--stage {s}: {} has no such stage (its stages: {})", dir.display(), names.join(", ")),
+        (Some(_), Some(s)) => src.stage = Some(s.clone()),
+        (Some(names), None) => anyhow::bail!(
+            "{} is a multi-stage run: say which stage's prompts and responses make the training rows with --stage ({})",
+            dir.display(),
+            names.join(", ")
+        ),
+        (None, Some(s)) => anyhow::bail!("--stage {s}: {} is not the output folder of a multi-stage run", dir.display()),
+        (None, None) => {}
+    }
+    if src.stage.is_some() && src.csv {
+        anyhow::bail!("--stage reads dataset.jsonl (the CSV flattens the stages): give the folder or its dataset.jsonl");
+    }
     let filters = Filters {
         done_reasons: args.only_done_reason,
         min_chars: args.min_chars,

@@ -1,0 +1,302 @@
+//! Multi-stage pipelines (`[[stages]]`): questions -> answer -> judge against the fake, with
+//! explode and keep, a model per stage, resume per stage, kill -9 safety and config errors.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::fake_ollama::{expected_response, FakeOllama, Options};
+use crate::util::{read_csv, read_jsonl, spawn_with, Dir};
+
+const QUESTIONS_SCHEMA: &str = r#"{"type": "object", "properties": {"questions": {"type": "array", "items": {"type": "string"}}}, "required": ["questions"]}"#;
+const JUDGE_SCHEMA: &str = r#"{"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}, "reason": {"type": "string"}}, "required": ["score", "reason"]}"#;
+
+/// The fake with a teacher model beside the default one.
+fn fake(delay_ms: u64) -> FakeOllama {
+    let mut opts = Options { token_delay: Duration::from_millis(delay_ms), ..Default::default() };
+    opts.models.push("teacher-model".into());
+    FakeOllama::start(opts)
+}
+
+/// `n` topics, ids t1..tN.
+fn write_topics(dir: &Dir, n: usize) {
+    let mut s = String::new();
+    for i in 1..=n {
+        s.push_str(&json!({"id": format!("t{i}"), "topic": format!("sujet n°{i}: l'optique 日本 🎉"), "level": "year 10"}).to_string());
+        s.push('\n');
+    }
+    dir.write("topics.jsonl", s);
+}
+
+/// A three-stage config: the teacher (its own model) writes questions (the fake writes two per
+/// topic), the student answers each, the judge scores each answer; only the first question of
+/// each topic passes `keep` (the fake's score is always 5).
+fn three_stages(url: &str, judge_template: &str, concurrency: usize) -> String {
+    format!(
+        r#"name = "distill"
+[backend]
+kind = "ollama"
+url = "{url}"
+model = "fake-model"
+[options]
+temperature = 0.7
+seed = 42
+[input]
+path = "topics.jsonl"
+id_field = "id"
+[run]
+concurrency = {concurrency}
+max_retries = 2
+retry_base_delay_ms = 10
+[output]
+dir = "out"
+
+[[stages]]
+name = "questions"
+model = "teacher-model"
+system_text = "You write exam questions."
+template_text = "Write questions about {{{{ topic }}}}."
+schema_text = '{QUESTIONS_SCHEMA}'
+explode = "questions"
+concurrency = 1
+[stages.options]
+temperature = 1.0
+
+[[stages]]
+name = "answer"
+template_text = "[{{{{ id }}}} #{{{{ questions.item_index }}}}] {{{{ questions.item }}}}"
+
+[[stages]]
+name = "judge"
+system_text = "You are a strict examiner."
+template_text = "{judge_template}"
+schema_text = '{JUDGE_SCHEMA}'
+keep = "judge.parsed.score >= 5 and questions.item_index == 0"
+"#
+    )
+}
+
+const JUDGE_TEMPLATE: &str = "Question: {{ questions.item }}\\nAnswer: {{ answer.response }}";
+
+/// What a dataset row says, without the times that differ between runs.
+fn row_gist(r: &Value) -> Value {
+    let mut g = json!({"id": r["id"], "input": r["input"]});
+    for s in ["questions", "answer", "judge"] {
+        let o = &r[s];
+        g[s] = json!({"prompt": o["prompt"], "response": o["response"], "parsed": o["parsed"], "item": o["item"], "item_index": o["item_index"], "model": o["model"], "system": o["system"]});
+    }
+    g
+}
+
+fn dataset_gist(dir: &Dir) -> BTreeMap<String, Value> {
+    read_jsonl(&dir.join("out/dataset.jsonl")).iter().map(|r| (r["id"].as_str().unwrap_or_default().to_owned(), row_gist(r))).collect()
+}
+
+#[test]
+fn three_stages_with_explode_and_keep_write_every_stage_and_the_dataset() {
+    let fake = fake(1);
+    let dir = Dir::new();
+    write_topics(&dir, 4);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 4));
+    dir.run(&["--config", "run.toml", "--progress", "plain"], &[]).expect_code(0).expect_stdout("4 dataset rows");
+
+    // Per stage: one record per request, byte-exact, with its stage and parent.
+    let questions = read_jsonl(&dir.join("out/stages/questions.jsonl"));
+    let answers = read_jsonl(&dir.join("out/stages/answer.jsonl"));
+    let judges = read_jsonl(&dir.join("out/stages/judge.jsonl"));
+    assert_eq!((questions.len(), answers.len(), judges.len()), (4, 8, 8));
+    for q in &questions {
+        assert_eq!(q["stage"], "questions");
+        assert_eq!(q["model"], "teacher-model", "the stage's own model");
+        assert!(q.get("parent").is_none(), "the first stage has no parent");
+        assert_eq!(q["parsed"]["questions"].as_array().map(Vec::len), Some(2));
+    }
+    let answer_ids: HashSet<&str> = answers.iter().filter_map(|a| a["id"].as_str()).collect();
+    let want: HashSet<String> = (1..=4).flat_map(|t| (0..2).map(move |i| format!("t{t}/{i}"))).collect();
+    assert_eq!(answer_ids, want.iter().map(String::as_str).collect(), "ids: the parent's, then the item's index");
+    for a in &answers {
+        assert_eq!(a["stage"], "answer");
+        assert_eq!(a["model"], "fake-model");
+        assert_eq!(a["response"].as_str(), Some(expected_response(a["prompt"].as_str().unwrap_or_default()).as_str()), "byte-exact");
+        let id = a["id"].as_str().unwrap_or_default();
+        assert_eq!(a["parent"].as_str(), id.split('/').next(), "parent: the topic's row");
+        assert!(a["prompt"].as_str().unwrap_or_default().starts_with(&format!("[{} #", id.split('/').next().unwrap_or_default())));
+    }
+    let kept: Vec<&Value> = judges.iter().filter(|j| j["kept"] == json!(true)).collect();
+    assert_eq!(kept.len(), 4, "keep: the first question of each topic");
+    assert!(judges.iter().all(|j| j["kept"].is_boolean() && j["stage"] == "judge" && j["parent"] == j["id"]));
+
+    // The dataset: one row per kept answer, with every stage's object.
+    let rows = read_jsonl(&dir.join("out/dataset.jsonl"));
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        let id = r["id"].as_str().unwrap_or_default();
+        assert!(id.ends_with("/0"), "{id}");
+        assert_eq!(r["input"]["id"].as_str(), id.split('/').next());
+        assert_eq!(r["questions"]["item_index"], 0);
+        assert_eq!(r["questions"]["item"], r["questions"]["parsed"]["questions"][0]);
+        assert_eq!(r["answer"]["prompt"].as_str().map(|p| p.ends_with(r["questions"]["item"].as_str().unwrap_or("?"))), Some(true));
+        let judge_prompt = r["judge"]["prompt"].as_str().unwrap_or_default();
+        assert!(judge_prompt.contains(r["answer"]["response"].as_str().unwrap_or("?")), "the judge saw the answer");
+        assert_eq!(r["judge"]["parsed"]["score"], 5);
+        for s in ["questions", "answer", "judge"] {
+            for f in ["system", "prompt", "response", "thinking", "parsed", "item", "model", "done_reason", "prompt_tokens", "completion_tokens", "duration_ms", "attempts", "finished_at"] {
+                assert!(r[s].get(f).is_some(), "{s}.{f} in the dataset row");
+            }
+        }
+    }
+    let (header, csv_rows) = read_csv(&dir.join("out/dataset.csv"));
+    assert_eq!(csv_rows.len(), 4);
+    assert!(header.contains(&"answer.response".to_owned()) && header.contains(&"judge.parsed".to_owned()), "{header:?}");
+    let col = header.iter().position(|h| h == "answer.response").unwrap_or(0);
+    for (row, rec) in csv_rows.iter().zip(&rows) {
+        assert_eq!(row[col], rec["answer"]["response"].as_str().unwrap_or_default(), "the CSV keeps text exact");
+    }
+    assert_eq!(read_csv(&dir.join("out/stages/answer.csv")).1.len(), 8);
+
+    // Each request once, to its stage's model.
+    let gens = fake.generations();
+    assert_eq!(gens.len(), 20);
+    assert_eq!(gens.iter().filter(|g| g.body["model"] == "teacher-model").count(), 4);
+    assert!(gens.iter().filter(|g| g.body["model"] == "teacher-model").all(|g| g.body["options"]["temperature"] == 1.0), "stage options merged over [options]");
+
+    let m: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    assert_eq!(m["dataset_rows"], 4);
+    let st = &m["stages"];
+    assert_eq!((st[0]["name"].as_str(), st[0]["requested"].as_u64(), st[0]["exploded_into"].as_u64()), (Some("questions"), Some(4), Some(8)));
+    assert_eq!((st[2]["done"].as_u64(), st[2]["dropped"].as_u64()), (Some(8), Some(4)));
+    assert_eq!(m["runs"][0]["status"], "completed");
+}
+
+#[test]
+fn rerun_asks_nothing_and_an_edited_last_stage_alone_runs_again() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 3);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 4));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let first = dataset_gist(&dir);
+    assert_eq!(first.len(), 3);
+    let n = fake.generations().len();
+    assert_eq!(n, 15);
+
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0).expect_stdout("0 requests done");
+    assert_eq!(fake.generations().len(), n, "an unchanged config asks nothing");
+    assert_eq!(dataset_gist(&dir), first, "the dataset is the same");
+
+    dir.write("run.toml", three_stages(&fake.url(), "Grade this. Q: {{ questions.item }}\\nA: {{ answer.response }}", 4));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let again = &fake.generations()[n..];
+    assert_eq!(again.len(), 6, "only the judge runs again");
+    assert!(again.iter().all(|g| g.prompt.as_deref().is_some_and(|p| p.starts_with("Grade this."))));
+    let edited = dataset_gist(&dir);
+    assert_eq!(edited.len(), 3, "the dataset holds the edited config's rows, once each");
+    for (id, r) in &edited {
+        assert!(r["judge"]["prompt"].as_str().is_some_and(|p| p.starts_with("Grade this.")), "{id}: the new judge");
+        assert_eq!(r["answer"], first[id]["answer"], "{id}: the answer is the one asked before");
+    }
+    // Editing the first stage re-runs everything below it.
+    let cfg = dir.read("run.toml").replace("Write questions about", "Write two questions about");
+    dir.write("run.toml", cfg);
+    let before = fake.generations().len();
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    assert_eq!(fake.generations().len() - before, 15);
+}
+
+/// A request's identity at the fake: (model, prompt, seed).
+fn identity(model: &Value, prompt: &str, seed: &Value) -> (String, String, i64) {
+    (model.as_str().unwrap_or_default().to_owned(), prompt.to_owned(), seed.as_i64().unwrap_or(-1))
+}
+
+/// The complete records of every stage file (a torn last line is not one).
+fn written_requests(dir: &Dir) -> HashSet<(String, String, i64)> {
+    let mut set = HashSet::new();
+    for s in ["questions", "answer", "judge"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(&format!("out/stages/{s}.jsonl"))) else { continue };
+        for l in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+            if let Ok(r) = serde_json::from_str::<Value>(l) {
+                set.insert(identity(&r["model"], r["prompt"].as_str().unwrap_or_default(), &r["seed"]));
+            }
+        }
+    }
+    set
+}
+
+#[test]
+fn sigkill_at_random_points_then_the_same_dataset_as_a_clean_run() {
+    let clean_fake = fake(0);
+    let clean = Dir::new();
+    write_topics(&clean, 12);
+    clean.write("run.toml", three_stages(&clean_fake.url(), JUDGE_TEMPLATE, 4));
+    clean.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let want = dataset_gist(&clean);
+    assert_eq!(want.len(), 12);
+
+    let fake = fake(3);
+    let dir = Dir::new();
+    write_topics(&dir, 12);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 4));
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut kills = 0;
+    for round in 0.. {
+        assert!(round < 30, "the run never completed");
+        let before = fake.generations().len();
+        let written = written_requests(&dir);
+        let mut child = spawn_with(&dir, &["--config", "run.toml", "--progress", "none"], Stdio::null(), Stdio::null());
+        let done = if kills < 5 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            std::thread::sleep(Duration::from_millis(100 + x % 600));
+            let exited = child.try_wait().ok().flatten().is_some();
+            if !exited {
+                let _ = child.kill();
+                kills += 1;
+            }
+            let _ = child.wait();
+            exited
+        } else {
+            assert_eq!(child.wait().ok().and_then(|s| s.code()), Some(0), "the last run finishes");
+            true
+        };
+        for g in &fake.generations()[before..] {
+            let id = identity(&g.body["model"], g.prompt.as_deref().unwrap_or_default(), &g.body["options"]["seed"]);
+            assert!(!written.contains(&id), "asked again for a record written before the kill: {id:?}");
+        }
+        if done && kills >= 5 {
+            break;
+        }
+    }
+    assert!(kills >= 3, "the kills happened mid-run ({kills})");
+    assert_eq!(dataset_gist(&dir), want, "the same dataset as a clean run");
+    for s in ["questions", "answer", "judge"] {
+        let recs = read_jsonl(&dir.join(&format!("out/stages/{s}.jsonl")));
+        let keys: HashSet<&str> = recs.iter().filter_map(|r| r["key"].as_str()).collect();
+        assert_eq!(keys.len(), recs.len(), "{s}: no request written twice");
+    }
+}
+
+#[test]
+fn stage_config_errors_name_the_stage_and_the_key() {
+    let dir = Dir::new();
+    write_topics(&dir, 2);
+    let base = three_stages("http://127.0.0.1:9", JUDGE_TEMPLATE, 2);
+    let cases: Vec<(String, &str)> = vec![
+        (base.replace("[output]", "[prompts]\ntemplate_text = \"x\"\n[output]"), "`stages`: give `[prompts]`"),
+        (base.replace("template_text = \"[{{ id }} #{{ questions.item_index }}] {{ questions.item }}\"", "template_text = \"{{ judge.response }}\""), "`stages[1].template`"),
+        (base.replace("name = \"answer\"", "name = \"Answer\""), "`stages[1].name`"),
+        (base.replace("explode = \"questions\"", "explode = \"items\""), "`stages[0].explode`"),
+        (base.replace("keep = \"judge.parsed.score >= 5 and questions.item_index == 0\"", "keep = \"judge.parsed.score >=\""), "`stages[2].keep`"),
+        (base.replace("[stages.options]\ntemperature = 1.0", "[stages.options]\ntemperatur = 1.0"), "`stages[0].options.temperatur`"),
+        (base.replace("{{ questions.item }}\\nAnswer", "{{ questoins.item }}\\nAnswer"), "`stages[2].template`"),
+        (base.replace("name = \"answer\"", "name = \"level\"").replace("answer.", "level."), "`stages[1].name`"),
+    ];
+    for (toml, want) in cases {
+        dir.write("run.toml", &toml);
+        let run = dir.run(&["--config", "run.toml"], &[]);
+        run.expect_code(1).expect_stderr(want);
+        assert!(!dir.join("out").exists(), "nothing written for {want}");
+    }
+}
