@@ -530,7 +530,10 @@ impl ProgressView {
             None => lines.extend(self.outage_lines().iter().map(|l| fit(l, width))),
         }
         lines.extend(self.stage_lines().iter().map(|l| fit(&format!("  ▸ {l}"), width)));
-        lines.extend(self.endpoint_lines().iter().map(|l| fit(&format!("  ⇄ {l}"), width)));
+        // A multi-stage run with one server per stage: the stage lines say it all.
+        if self.stages.is_empty() || self.endpoints.len() > self.stages.len() {
+            lines.extend(self.endpoint_lines().iter().map(|l| fit(&format!("  ⇄ {l}"), width)));
+        }
         let room = rows.saturating_sub(lines.len() + 1).max(1);
         let n = self.in_flight.len();
         let show = if n > room { room.saturating_sub(1) } else { n };

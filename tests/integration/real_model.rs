@@ -71,6 +71,43 @@ fn real_model_follows_a_schema_and_every_record_validates() {
     }
 }
 
+/// Two stages on the real model: each topic's question (stage 1) is the prompt of its answer
+/// (stage 2); a second run of the same command asks nothing and keeps the dataset.
+#[test]
+#[ignore = "real model: run with scripts/real-model.sh test"]
+fn real_model_runs_a_two_stage_pipeline_and_resumes_it() {
+    let dir = Dir::new();
+    let out = dir.join("distill");
+    for round in 0..2 {
+        let output = script_output(&out, "configs/llamacpp-distill.toml");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "round {round}: {:?}\n{stdout}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+        if round == 1 {
+            assert!(stdout.contains("0 requests done"), "the second run asks nothing:\n{stdout}");
+        }
+    }
+    let questions = read_jsonl(&out.join("stages/question.jsonl"));
+    let answers = read_jsonl(&out.join("stages/answer.jsonl"));
+    assert_eq!((questions.len(), answers.len()), (3, 3), "one record per request, none repeated");
+    let rows = read_jsonl(&out.join("dataset.jsonl"));
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let q = r["question"]["response"].as_str().unwrap_or_default();
+        assert!(!q.trim().is_empty(), "a question for {}", r["id"]);
+        assert_eq!(r["answer"]["prompt"].as_str(), Some(q.trim()), "stage 2's prompt is stage 1's reply");
+        assert!(r["answer"]["response"].as_str().is_some_and(|a| !a.trim().is_empty()), "an answer for {}", r["id"]);
+        assert_eq!(r["input"]["id"], r["id"]);
+        assert_eq!(r["answer"]["model"], "gemma3-270m");
+    }
+    for a in &answers {
+        assert_eq!(a["stage"], "answer");
+        assert_eq!(a["parent"], a["id"]);
+    }
+    let (header, csv_rows) = read_csv(&out.join("dataset.csv"));
+    assert_eq!(csv_rows.len(), 3);
+    assert!(header.contains(&"answer.response".to_owned()));
+}
+
 #[test]
 #[ignore = "real model: run with scripts/real-model.sh test"]
 fn real_model_generates_repeatably() {

@@ -168,6 +168,30 @@ fn three_stages_with_explode_and_keep_write_every_stage_and_the_dataset() {
     assert_eq!((st[0]["name"].as_str(), st[0]["requested"].as_u64(), st[0]["exploded_into"].as_u64()), (Some("questions"), Some(4), Some(8)));
     assert_eq!((st[2]["done"].as_u64(), st[2]["dropped"].as_u64()), (Some(8), Some(4)));
     assert_eq!(m["runs"][0]["status"], "completed");
+
+    // inspect: one report per stage, with the judge's keep rate.
+    let run = dir.run(&["inspect", "out"], &[]);
+    run.expect_code(0).expect_stdout("dataset.jsonl: 4 rows").expect_stdout("── stage questions ──").expect_stdout("── stage judge ──").expect_stdout("keep: 4 of 8 rows went on (50.0%)");
+    let report: Value = serde_json::from_str(&dir.run(&["inspect", "out", "--json", "--stage", "answer"], &[]).expect_code(0).stdout()).expect("json");
+    assert_eq!((report["dataset_rows"].as_u64(), report["stages"]["answer"]["records"].as_u64()), (Some(4), Some(8)));
+
+    // export --stage answer: the questions as user turns, the answers kept by the judge as the
+    // assistant's, in every format.
+    let out = dir.run(&["export", "out", "--stage", "answer", "-f", "messages"], &[]);
+    out.expect_code(0);
+    let lines: Vec<Value> = out.stdout().lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 4);
+    for (l, r) in lines.iter().zip(&rows) {
+        let m = l["messages"].as_array().expect("messages");
+        assert_eq!(m.last().map(|a| &a["content"]), Some(&r["answer"]["response"]));
+        assert_eq!(m[m.len() - 2]["content"], r["answer"]["prompt"]);
+    }
+    for f in ["sharegpt", "alpaca", "jsonl", "csv"] {
+        dir.run(&["export", "out", "--stage", "answer", "-f", f, "-o", &format!("answer.{f}")], &[]).expect_code(0);
+    }
+    assert_eq!(read_csv(&dir.join("answer.csv")).1.len(), 4);
+    dir.run(&["export", "out", "-f", "messages"], &[]).expect_code(1).expect_stderr("--stage (questions, answer, judge)");
+    dir.run(&["export", "out", "--stage", "nope", "-f", "messages"], &[]).expect_code(1).expect_stderr("no such stage");
 }
 
 #[test]
