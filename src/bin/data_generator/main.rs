@@ -404,6 +404,13 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
 }
 
 fn merge(args: MergeArgs) -> anyhow::Result<u8> {
+    if let Some(d) = args.dirs.iter().find(|d| stage_names(d).is_some()) {
+        anyhow::bail!(
+            "{} is the output of a multi-stage run: merge takes one-stage folders (merging shards of a multi-stage run is not supported yet; \
+             export each shard with --stage and concatenate the files)",
+            d.display()
+        );
+    }
     let stats = data_generator::merge::merge(&args.dirs, &args.output)?;
     println!(
         "merged {} folders into {}: {} records ({} duplicates dropped), {} unresolved failures",

@@ -622,6 +622,9 @@ fn stage_counts(pipeline: &Pipeline) -> Vec<StageCounts> {
 /// asked again: its record is read back and the row goes on. The servers of every stage are
 /// checked before the first request (or not at all when nothing is left to ask).
 pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
+    if opts.redo.truncated {
+        anyhow::bail!("--redo-truncated is for one-stage runs: a multi-stage run keeps its truncated records as they are");
+    }
     let paths = OutputPaths::new(&cfg.output_dir);
     let pipeline = Arc::new(Pipeline::new(&cfg)?);
     let names: Vec<String> = pipeline.names().iter().map(|s| s.to_string()).collect();
