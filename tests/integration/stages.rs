@@ -324,3 +324,58 @@ fn stage_config_errors_name_the_stage_and_the_key() {
         assert!(!dir.join("out").exists(), "nothing written for {want}");
     }
 }
+
+#[test]
+fn empty_explodes_end_rows_samples_fan_out_and_failures_name_their_stage() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    let topics = [("t1", "optics"), ("t2", "nothing to ask [[emptyarrays]]"), ("t3", "refused [[400]]"), ("t4", "waves")];
+    let rows: String = topics.iter().map(|(id, t)| json!({"id": id, "topic": t}).to_string() + "\n").collect();
+    dir.write("topics.jsonl", rows);
+    let cfg = three_stages(&fake.url(), JUDGE_TEMPLATE, 4)
+        .replace("[[stages]]\nname = \"judge\"", "[[stages]]\nname = \"unused\"")
+        .split("[[stages]]\nname = \"unused\"")
+        .next()
+        .unwrap_or_default()
+        .replace("name = \"answer\"\n", "name = \"answer\"\nsamples_per_prompt = 2\n");
+    dir.write("run.toml", &cfg);
+    let run = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
+    run.expect_code(3);
+
+    // t1 and t4: two questions each, each answered twice: ids ID/i#k.
+    let rows = read_jsonl(&dir.join("out/dataset.jsonl"));
+    let ids: HashSet<String> = rows.iter().filter_map(|r| r["id"].as_str().map(str::to_owned)).collect();
+    let want: HashSet<String> = ["t1", "t4"].iter().flat_map(|t| (0..2).flat_map(move |i| (0..2).map(move |k| format!("{t}/{i}#{k}")))).collect();
+    assert_eq!(ids, want);
+    let answers = read_jsonl(&dir.join("out/stages/answer.jsonl"));
+    let sampled: HashSet<(String, u64, i64)> = answers.iter().map(|a| (a["id"].as_str().unwrap_or_default().to_owned(), a["sample"].as_u64().unwrap_or(9), a["seed"].as_i64().unwrap_or(0))).collect();
+    assert_eq!(sampled.len(), 8, "two samples per question, each with its own seed: {sampled:?}");
+
+    // t2: an empty array ends the row, counted; t3: the teacher's request failed, in failures.jsonl.
+    let fails = read_jsonl(&dir.join("out/failures.jsonl"));
+    assert_eq!(fails.len(), 1);
+    assert_eq!((fails[0]["id"].as_str(), fails[0]["stage"].as_str()), (Some("t3"), Some("questions")));
+    let m: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    let q = &m["stages"][0];
+    assert_eq!((q["done"].as_u64(), q["failed"].as_u64(), q["exploded_into"].as_u64(), q["exploded_empty"].as_u64()), (Some(3), Some(1), Some(4), Some(1)));
+    assert_eq!(m["runs"][0]["status"], "completed_with_failures");
+}
+
+#[test]
+fn an_explode_field_missing_from_the_reply_is_re_asked_then_a_failure() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 2);
+    // A schema that does not require the array: the reply `{}` is valid JSON, but has nothing to explode.
+    let cfg = three_stages(&fake.url(), JUDGE_TEMPLATE, 2).replace(&format!("schema_text = '{QUESTIONS_SCHEMA}'"), "schema_text = '{\"type\": \"object\"}'\nmax_invalid = 1");
+    dir.write("run.toml", &cfg);
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(3);
+    let fails = read_jsonl(&dir.join("out/failures.jsonl"));
+    assert_eq!(fails.len(), 2);
+    for f in &fails {
+        assert_eq!(f["stage"], "questions");
+        assert!(f["validation_errors"][0].as_str().is_some_and(|e| e.contains("/questions: missing")), "{f}");
+    }
+    assert_eq!(fake.generations().len(), 4, "each asked again once (max_invalid = 1)");
+    assert_eq!(read_jsonl(&dir.join("out/dataset.jsonl")).len(), 0);
+}

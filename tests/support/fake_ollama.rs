@@ -277,10 +277,14 @@ fn user_prompt(path: &str, body: &Value) -> Option<String> {
 /// What the fake answers: its fixed text, or, when the request carries a JSON schema (Ollama's
 /// `format`, OpenAI's `response_format`), JSON made to fit it, broken when a directive says so:
 /// `badjson` (cut in half), `outofrange` (numbers 90 above their maximum), `fenced` (in a
-/// Markdown code fence, as unconstrained models write it).
+/// Markdown code fence, as unconstrained models write it), `emptyarrays` (every array empty).
 pub fn answer(prompt: &str, schema: Option<&Value>, attempt: u32) -> String {
     let Some(schema) = schema.filter(|s| s.is_object()) else { return expected_response(prompt) };
-    let text = fitting(schema, directive(prompt, "outofrange", attempt)).to_string();
+    let mut value = fitting(schema, directive(prompt, "outofrange", attempt));
+    if directive(prompt, "emptyarrays", attempt) {
+        empty_arrays(&mut value);
+    }
+    let text = value.to_string();
     if directive(prompt, "badjson", attempt) {
         text[..text.len() / 2].to_owned()
     } else if directive(prompt, "fenced", attempt) {
@@ -318,6 +322,14 @@ pub fn fitting(schema: &Value, out_of_range: bool) -> Value {
         Some("boolean") => json!(true),
         Some("string") => json!("a made-up reason, «quoted» and 日本語"),
         _ => Value::Null,
+    }
+}
+
+fn empty_arrays(v: &mut Value) {
+    match v {
+        Value::Array(a) => a.clear(),
+        Value::Object(o) => o.values_mut().for_each(empty_arrays),
+        _ => {}
     }
 }
 
