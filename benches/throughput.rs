@@ -255,7 +255,7 @@ fn main() {
     let requests = env_num("BENCH_REQUESTS", 2_000);
     let records = env_num("BENCH_RECORDS", 200_000);
     let dir = tempfile::tempdir().expect("tempdir");
-    // BENCH_ONLY=generate,dataset,resume picks sections (default: all).
+    // BENCH_ONLY=generate,stages,dataset,resume picks sections (default: all).
     let only = std::env::var("BENCH_ONLY").ok();
     let want = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s.trim() == section));
 
@@ -323,10 +323,92 @@ fn main() {
         dataset_figures(dir.path(), records);
     }
 
-    // 3. Large batches before their first request.
+    // 3. A three-stage pipeline (questions -> answer -> judge) beside one stage, and its memory as
+    // the explode factor grows.
+    if want("stages") {
+        stage_figures(dir.path(), requests);
+    }
+
+    // 4. Large batches before their first request.
     let sizes = std::env::var("BENCH_RESUME_ROWS").unwrap_or_else(|_| "100000".into());
     for rows in sizes.split(',').filter_map(|n| n.trim().parse::<u64>().ok()).filter(|_| want("resume")) {
         resume_figures(rows);
+    }
+}
+
+/// Tokens/s and memory of a three-stage pipeline (a teacher's questions exploded into rows, a
+/// student's answer to each, a judge's score of each, with `keep`) against the same number of
+/// requests in one stage; then the pipeline at explode factors 2, 20 and 200 with the same total.
+fn stage_figures(dir: &Path, requests: u64) {
+    let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
+    let url = fake.url();
+    let run = |label: &str, name: &str, config: String| {
+        std::fs::write(dir.join("stages.toml"), config).expect("config");
+        let m = run_measured(&["--config", "stages.toml", "--progress", "none"], dir);
+        let out = dir.join(format!("out-{name}"));
+        let files: Vec<std::path::PathBuf> = match std::fs::read_dir(out.join("stages")) {
+            Ok(d) => d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "jsonl")).collect(),
+            Err(_) => vec![out.join("dataset.jsonl")],
+        };
+        let (mut n, mut tokens) = (0u64, 0u64);
+        for f in files {
+            for l in std::fs::read_to_string(f).unwrap_or_default().lines() {
+                n += 1;
+                tokens += serde_json::from_str::<serde_json::Value>(l).ok().and_then(|r| r["completion_tokens"].as_u64()).unwrap_or(0);
+            }
+        }
+        let (secs, cpu_us) = (m.took.as_secs_f64(), m.cpu.as_secs_f64() * 1e6);
+        println!(
+            "stages {label:<28}: {n} requests in {secs:>6.2} s = {:>5.0} req/s, {:>6.0} tokens/s; CPU {:>5.1} us/token; peak RSS {:>5.1} MB{}",
+            n as f64 / secs,
+            tokens as f64 / secs,
+            cpu_us / tokens.max(1) as f64,
+            m.peak_kb as f64 / 1024.0,
+            if m.ok { "" } else { "  (FAILED)" }
+        );
+    };
+    let rows = |topics: u64, explode: u64| {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("topics.jsonl")).expect("topics"));
+        for i in 0..topics {
+            writeln!(f, "{{\"id\":\"t{i}\",\"topic\":\"topic number {i} [[array{explode}]]\"}}").expect("write");
+        }
+        f.flush().expect("flush");
+    };
+    let head = |name: &str| {
+        format!(
+            "name = \"{name}\"\n[backend]\nkind = \"ollama\"\nurl = \"{url}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
+             [input]\npath = \"topics.jsonl\"\nid_field = \"id\"\n[run]\nconcurrency = 8\n[output]\ndir = \"out-{name}\"\n"
+        )
+    };
+    let pipeline = |name: &str| {
+        head(name)
+            + "[[stages]]\nname = \"questions\"\ntemplate_text = \"Questions about {{ topic }}\"\n\
+               schema_text = '{\"type\": \"object\", \"properties\": {\"questions\": {\"type\": \"array\", \"items\": {\"type\": \"string\"}}}, \"required\": [\"questions\"]}'\n\
+               explode = \"questions\"\n\
+               [[stages]]\nname = \"answer\"\ntemplate_text = \"{{ id }}: {{ questions.item }}\"\n\
+               [[stages]]\nname = \"judge\"\ntemplate_text = \"Grade {{ id }}: {{ answer.response }}\"\n\
+               schema_text = '{\"type\": \"object\", \"properties\": {\"score\": {\"type\": \"integer\", \"minimum\": 1, \"maximum\": 10}}, \"required\": [\"score\"]}'\n\
+               keep = \"judge.parsed.score >= 5\"\n"
+    };
+    // One stage: as many rows as the pipeline has requests, each answered.
+    let total = requests.max(60) / 5 * 5;
+    let one_rows = total;
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("topics.jsonl")).expect("topics"));
+        for i in 0..one_rows {
+            writeln!(f, "{{\"id\":\"t{i}\",\"topic\":\"topic number {i}\"}}").expect("write");
+        }
+        f.flush().expect("flush");
+    }
+    run("one stage", "one-stage", head("one-stage") + "[prompts]\ntemplate_text = \"{{ id }}: {{ topic }}\"\n");
+    // Three stages, explode 2: topics + 2 answers + 2 judges = 5 requests a topic.
+    rows(total / 5, 2);
+    run("three stages, explode 2", "explode-2", pipeline("explode-2"));
+    for explode in [20u64, 200] {
+        let topics = (total / (1 + 2 * explode)).max(1);
+        rows(topics, explode);
+        let name = format!("explode-{explode}");
+        run(&format!("three stages, explode {explode}"), &name, pipeline(&name));
     }
 }
 

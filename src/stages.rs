@@ -56,19 +56,16 @@ pub struct StageOutput {
 }
 
 impl StageOutput {
-    pub fn of(r: &Record, item: Option<(Value, u64)>) -> StageOutput {
-        let (item, item_index) = match item {
-            Some((v, i)) => (Some(v), Some(i)),
-            None => (None, None),
-        };
+    /// A stage's record as its output (the item is the row's: see [`Contribution`]).
+    pub fn of(r: &Record) -> StageOutput {
         StageOutput {
             system: r.system.clone(),
             prompt: r.prompt.clone(),
             response: r.response.clone(),
             thinking: r.thinking.clone(),
             parsed: r.parsed.clone(),
-            item,
-            item_index,
+            item: None,
+            item_index: None,
             model: r.model.clone(),
             done_reason: r.done_reason.clone(),
             prompt_tokens: r.prompt_tokens,
@@ -86,6 +83,86 @@ pub const OUTPUT_FIELDS: &[&str] = &[
     "completion_tokens", "duration_ms", "attempts", "finished_at",
 ];
 
+/// What one stage added to a row: its output, shared by every row an explode makes of it, and
+/// the element of the exploded array this row stands for.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    pub out: Arc<StageOutput>,
+    pub item: Option<(Value, u64)>,
+    /// `out` as a template value, converted once (an explode into N rows would otherwise convert
+    /// the whole reply, array and all, N times).
+    jinja: minijinja::Value,
+}
+
+impl Contribution {
+    pub fn new(out: StageOutput) -> Contribution {
+        let jinja = minijinja::Value::from_serialize(&out);
+        Contribution { out: Arc::new(out), item: None, jinja }
+    }
+
+    /// The same output for the row of element `i` of the exploded array.
+    pub fn with_item(&self, item: Value, i: u64) -> Contribution {
+        Contribution { out: self.out.clone(), item: Some((item, i)), jinja: self.jinja.clone() }
+    }
+
+    /// What a template sees under the stage's name.
+    fn template_value(&self) -> minijinja::Value {
+        let Some((item, i)) = &self.item else { return self.jinja.clone() };
+        let mut entries: Vec<(minijinja::Value, minijinja::Value)> = Vec::with_capacity(OUTPUT_FIELDS.len());
+        if let Ok(keys) = self.jinja.try_iter() {
+            for k in keys {
+                let v = match k.as_str() {
+                    Some("item") => minijinja::Value::from_serialize(item),
+                    Some("item_index") => minijinja::Value::from(*i),
+                    _ => self.jinja.get_item(&k).unwrap_or_default(),
+                };
+                entries.push((k, v));
+            }
+        }
+        entries.into_iter().collect()
+    }
+
+    /// The output as its `dataset.jsonl` object (the item in its place).
+    fn view(&self) -> OutputView<'_> {
+        let o = &self.out;
+        OutputView {
+            system: o.system.as_deref(),
+            prompt: &o.prompt,
+            response: &o.response,
+            thinking: o.thinking.as_deref(),
+            parsed: o.parsed.as_ref(),
+            item: self.item.as_ref().map(|x| &x.0).or(o.item.as_ref()),
+            item_index: self.item.as_ref().map(|x| x.1).or(o.item_index),
+            model: &o.model,
+            done_reason: o.done_reason.as_deref(),
+            prompt_tokens: o.prompt_tokens,
+            completion_tokens: o.completion_tokens,
+            duration_ms: o.duration_ms,
+            attempts: o.attempts,
+            finished_at: &o.finished_at,
+        }
+    }
+}
+
+/// A [`StageOutput`] with its row's item, borrowed, for writing.
+#[derive(Serialize)]
+struct OutputView<'a> {
+    system: Option<&'a str>,
+    prompt: &'a str,
+    response: &'a str,
+    thinking: Option<&'a str>,
+    parsed: Option<&'a Value>,
+    item: Option<&'a Value>,
+    item_index: Option<u64>,
+    model: &'a str,
+    done_reason: Option<&'a str>,
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    duration_ms: u64,
+    attempts: u32,
+    finished_at: &'a str,
+}
+
 /// A row on its way through the stages.
 #[derive(Debug, Clone)]
 pub struct FlowRow {
@@ -94,24 +171,37 @@ pub struct FlowRow {
     pub line: u64,
     pub input: Arc<Map<String, Value>>,
     /// What the stages before this one made of it, in order, by name.
-    pub earlier: Vec<(Arc<str>, Arc<StageOutput>)>,
+    pub earlier: Vec<(Arc<str>, Contribution)>,
     /// The row the previous stage answered, and its record's key.
     pub parent: Option<(String, u128)>,
+    /// The input's fields as template values, converted once per input row.
+    input_jinja: minijinja::Value,
 }
 
 impl FlowRow {
     pub fn from_input(row: Row) -> FlowRow {
-        FlowRow { id: row.id, line: row.line, input: Arc::new(row.fields), earlier: Vec::new(), parent: None }
+        let input_jinja = minijinja::Value::from_serialize(&row.fields);
+        FlowRow { id: row.id, line: row.line, input: Arc::new(row.fields), earlier: Vec::new(), parent: None, input_jinja }
     }
 
-    /// What a template (and `keep`) sees: the input row's fields, and each earlier stage's
-    /// output under the stage's name.
-    pub fn context(&self) -> Map<String, Value> {
-        let mut ctx = (*self.input).clone();
-        for (name, out) in &self.earlier {
-            ctx.insert(name.to_string(), serde_json::to_value(out.as_ref()).unwrap_or(Value::Null));
+    /// What a template (and `keep`) sees: the input row's fields, each earlier stage's output
+    /// under its name, and `extra` (the stage whose `keep` is evaluated).
+    pub fn context(&self, extra: Option<(&str, &Contribution)>) -> minijinja::Value {
+        let mut entries: Vec<(minijinja::Value, minijinja::Value)> = Vec::with_capacity(self.input.len() + self.earlier.len() + 1);
+        for k in self.input.keys() {
+            let key = minijinja::Value::from(k.as_str());
+            let v = self.input_jinja.get_item(&key).unwrap_or_default();
+            entries.push((key, v));
         }
-        ctx
+        for (name, c) in self.earlier.iter().map(|(n, c)| (n.as_ref(), c)).chain(extra) {
+            entries.push((minijinja::Value::from(name), c.template_value()));
+        }
+        entries.into_iter().collect()
+    }
+
+    /// The names a template can read: input fields and earlier stages.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.input.keys().map(String::as_str).chain(self.earlier.iter().map(|(n, _)| n.as_ref()))
     }
 }
 
@@ -121,7 +211,7 @@ impl FlowRow {
 pub struct DatasetRow {
     pub id: String,
     pub input: Arc<Map<String, Value>>,
-    pub stages: Vec<(Arc<str>, Arc<StageOutput>)>,
+    pub stages: Vec<(Arc<str>, Contribution)>,
 }
 
 impl Serialize for DatasetRow {
@@ -129,8 +219,8 @@ impl Serialize for DatasetRow {
         let mut m = s.serialize_map(Some(2 + self.stages.len()))?;
         m.serialize_entry("id", &self.id)?;
         m.serialize_entry("input", self.input.as_ref())?;
-        for (name, out) in &self.stages {
-            m.serialize_entry(name.as_ref(), out.as_ref())?;
+        for (name, c) in &self.stages {
+            m.serialize_entry(name.as_ref(), &c.view())?;
         }
         m.end()
     }
@@ -150,8 +240,8 @@ impl DatasetRow {
     /// absent value as an empty cell.
     pub fn csv_fields(&self) -> Vec<String> {
         let mut row = vec![self.id.clone(), Value::Object((*self.input).clone()).to_string()];
-        for (_, out) in &self.stages {
-            let v = serde_json::to_value(out.as_ref()).unwrap_or(Value::Null);
+        for (_, c) in &self.stages {
+            let v = serde_json::to_value(c.view()).unwrap_or(Value::Null);
             for f in OUTPUT_FIELDS {
                 row.push(match v.get(*f) {
                     None | Some(Value::Null) => String::new(),
@@ -313,8 +403,7 @@ impl Pipeline {
     /// A row's prompt at stage `s` and its requests (one per sample), keys chained to its parent.
     pub fn requests(&self, s: usize, row: &FlowRow) -> Result<(String, Vec<StageRequest>), PlanError> {
         let st = &self.stages[s];
-        let r = Row { id: row.id.clone(), line: row.line, fields: row.context() };
-        let prompt = st.planner.render(&r)?;
+        let prompt = st.planner.render_context(&row.id, row.line, row.context(None), &mut row.names())?;
         let parent = row.parent.as_ref().map(|p| p.1);
         let reqs = (0..st.samples())
             .map(|sample| {
@@ -336,24 +425,20 @@ impl Pipeline {
     /// the rows for the next stage (or of the dataset, after the last).
     pub fn advance(&self, s: usize, row: &FlowRow, rec: &Record, key: u128) -> Result<Advance, String> {
         let st = &self.stages[s];
-        let out = Arc::new(StageOutput::of(rec, None));
+        let out = Contribution::new(StageOutput::of(rec));
         let kept = match &st.keep {
             None => None,
-            Some(k) => {
-                let mut ctx = row.context();
-                ctx.insert(st.name.to_string(), serde_json::to_value(out.as_ref()).unwrap_or(Value::Null));
-                Some(k.eval(&ctx)?)
-            }
+            Some(k) => Some(k.eval(row.context(Some((st.name.as_ref(), &out))))?),
         };
         let mut adv = Advance { kept, exploded: None, rows: Vec::new() };
         if kept == Some(false) {
             return Ok(adv);
         }
         let id = if st.samples() > 1 { format!("{}#{}", row.id, rec.sample) } else { row.id.clone() };
-        let child = |id: String, out: Arc<StageOutput>| {
+        let child = |id: String, out: Contribution| {
             let mut earlier = row.earlier.clone();
             earlier.push((st.name.clone(), out));
-            FlowRow { id, line: row.line, input: row.input.clone(), earlier, parent: Some((row.id.clone(), key)) }
+            FlowRow { id, line: row.line, input: row.input.clone(), earlier, parent: Some((row.id.clone(), key)), input_jinja: row.input_jinja.clone() }
         };
         match &st.explode {
             None => adv.rows.push(child(id, out)),
@@ -361,10 +446,7 @@ impl Pipeline {
                 let items = rec.parsed.as_ref().and_then(|p| p.get(f)).and_then(Value::as_array).ok_or_else(|| format!("`parsed.{f}` is not an array"))?;
                 adv.exploded = Some(items.len());
                 for (i, item) in items.iter().enumerate() {
-                    let mut o = (*out).clone();
-                    o.item = Some(item.clone());
-                    o.item_index = Some(i as u64);
-                    adv.rows.push(child(format!("{id}/{i}"), Arc::new(o)));
+                    adv.rows.push(child(format!("{id}/{i}"), out.with_item(item.clone(), i as u64)));
                 }
             }
         }
@@ -412,23 +494,42 @@ struct FailHead {
 pub struct StagePrior {
     pub done: HashMap<u128, u64>,
     file: Option<PathBuf>,
+    handle: Option<File>,
     /// Records finished at or after the `since` time given to [`load_prior`].
     pub records_since: u64,
 }
 
 impl StagePrior {
-    /// The record with key `k`, read from the file.
+    /// The record with key `k`, read from the file (one positioned read; no seek, no reopen).
     pub fn record(&self, k: u128) -> Option<io::Result<Record>> {
+        use std::os::unix::fs::FileExt;
         let offset = *self.done.get(&k)?;
-        let path = self.file.as_ref()?;
-        Some((|| {
-            use std::io::{Seek, SeekFrom};
-            let mut f = BufReader::new(File::open(path)?);
-            f.seek(SeekFrom::Start(offset))?;
-            let mut line = Vec::new();
-            f.read_until(b'\n', &mut line)?;
+        let (path, file) = (self.file.as_ref()?, self.handle.as_ref()?);
+        let mut line = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        let mut at = offset;
+        let result = loop {
+            let n = match file.read_at(&mut chunk, at) {
+                Ok(n) => n,
+                Err(e) => break Err(e),
+            };
+            if n == 0 {
+                break Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} ends inside the record at byte {offset}", path.display())));
+            }
+            match chunk[..n].iter().position(|b| *b == b'\n') {
+                Some(i) => {
+                    line.extend_from_slice(&chunk[..i]);
+                    break Ok(());
+                }
+                None => {
+                    line.extend_from_slice(&chunk[..n]);
+                    at += n as u64;
+                }
+            }
+        };
+        Some(result.and_then(|()| {
             serde_json::from_slice(&line).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{} at byte {offset}: {e}", path.display())))
-        })())
+        }))
     }
 }
 
@@ -460,6 +561,7 @@ pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&st
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
             Ok(f) => {
+                sp.handle = f.try_clone().ok();
                 let mut r = BufReader::new(f);
                 let (mut offset, mut line, mut n) = (0u64, Vec::new(), 0u64);
                 loop {

@@ -43,6 +43,21 @@ impl PromptTemplate {
         &self.variables
     }
 
+    /// Renders with a context built by the caller (multi-stage rows): `names` are the context's
+    /// top-level names, checked against the template's variables first.
+    pub fn render_context<'a>(&self, id: &str, line: u64, ctx: minijinja::Value, names: &mut dyn Iterator<Item = &'a str>) -> Result<String, TemplateError> {
+        let have: Vec<&str> = names.collect();
+        for v in &self.variables {
+            if !have.contains(&v.as_str()) && self.env.globals().all(|(g, _)| g != v.as_str()) {
+                let mut have = have.clone();
+                have.sort();
+                return Err(TemplateError::MissingField { id: id.to_owned(), line, field: v.clone(), have: have.join(", ") });
+            }
+        }
+        let tmpl = self.env.get_template(NAME).map_err(|e| TemplateError::Render { id: id.to_owned(), line, message: describe(&e) })?;
+        tmpl.render(ctx).map_err(|e| TemplateError::Render { id: id.to_owned(), line, message: describe(&e) })
+    }
+
     pub fn render(&self, row: &Row) -> Result<String, TemplateError> {
         for v in &self.variables {
             if !row.fields.contains_key(v) && self.env.globals().all(|(g, _)| g != v.as_str()) {
@@ -99,7 +114,7 @@ impl KeepExpr {
 
     /// Whether the row goes on: the expression's truth (Jinja's: `0`, `""`, `none`, empty lists
     /// are false), or why it cannot be evaluated.
-    pub fn eval(&self, ctx: &serde_json::Map<String, serde_json::Value>) -> Result<bool, String> {
+    pub fn eval(&self, ctx: minijinja::Value) -> Result<bool, String> {
         let expr = self.env.compile_expression(&self.source).map_err(|e| describe(&e))?;
         expr.eval(ctx).map(|v| v.is_true()).map_err(|e| format!("keep = {:?}: {}", self.source, describe(&e)))
     }

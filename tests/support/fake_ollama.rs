@@ -277,12 +277,15 @@ fn user_prompt(path: &str, body: &Value) -> Option<String> {
 /// What the fake answers: its fixed text, or, when the request carries a JSON schema (Ollama's
 /// `format`, OpenAI's `response_format`), JSON made to fit it, broken when a directive says so:
 /// `badjson` (cut in half), `outofrange` (numbers 90 above their maximum), `fenced` (in a
-/// Markdown code fence, as unconstrained models write it), `emptyarrays` (every array empty).
+/// Markdown code fence, as unconstrained models write it), `emptyarrays` (every array empty),
+/// `arrayN` (every array N items long, e.g. `[[array50]]`).
 pub fn answer(prompt: &str, schema: Option<&Value>, attempt: u32) -> String {
     let Some(schema) = schema.filter(|s| s.is_object()) else { return expected_response(prompt) };
     let mut value = fitting(schema, directive(prompt, "outofrange", attempt));
     if directive(prompt, "emptyarrays", attempt) {
-        empty_arrays(&mut value);
+        resize_arrays(&mut value, 0);
+    } else if let Some(n) = prompt.split("[[array").nth(1).and_then(|r| r.split("]]").next()).and_then(|n| n.parse().ok()) {
+        resize_arrays(&mut value, n);
     }
     let text = value.to_string();
     if directive(prompt, "badjson", attempt) {
@@ -325,10 +328,15 @@ pub fn fitting(schema: &Value, out_of_range: bool) -> Value {
     }
 }
 
-fn empty_arrays(v: &mut Value) {
+/// Every array `n` items long (copies of its first item).
+fn resize_arrays(v: &mut Value, n: usize) {
     match v {
-        Value::Array(a) => a.clear(),
-        Value::Object(o) => o.values_mut().for_each(empty_arrays),
+        Value::Array(a) => {
+            let first = a.first().cloned().unwrap_or(Value::Null);
+            a.resize(n, first);
+            a.truncate(n);
+        }
+        Value::Object(o) => o.values_mut().for_each(|x| resize_arrays(x, n)),
         _ => {}
     }
 }
