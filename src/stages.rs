@@ -176,12 +176,14 @@ pub struct FlowRow {
     pub parent: Option<(String, u128)>,
     /// The input's fields as template values, converted once per input row.
     input_jinja: minijinja::Value,
+    /// One of its stages was asked in this run (not all read back from earlier runs).
+    pub fresh: bool,
 }
 
 impl FlowRow {
     pub fn from_input(row: Row) -> FlowRow {
         let input_jinja = minijinja::Value::from_serialize(&row.fields);
-        FlowRow { id: row.id, line: row.line, input: Arc::new(row.fields), earlier: Vec::new(), parent: None, input_jinja }
+        FlowRow { id: row.id, line: row.line, input: Arc::new(row.fields), earlier: Vec::new(), parent: None, input_jinja, fresh: false }
     }
 
     /// What a template (and `keep`) sees: the input row's fields, each earlier stage's output
@@ -421,9 +423,10 @@ impl Pipeline {
         job
     }
 
-    /// A row's way on after stage `s` answered it with `rec` (whose key is `key`): `keep`, then
-    /// the rows for the next stage (or of the dataset, after the last).
-    pub fn advance(&self, s: usize, row: &FlowRow, rec: &Record, key: u128) -> Result<Advance, String> {
+    /// A row's way on after stage `s` answered it with `rec` (whose key is `key`; `fresh` when
+    /// asked in this run): `keep`, then the rows for the next stage (or of the dataset, after
+    /// the last).
+    pub fn advance(&self, s: usize, row: &FlowRow, rec: &Record, key: u128, fresh: bool) -> Result<Advance, String> {
         let st = &self.stages[s];
         let out = Contribution::new(StageOutput::of(rec));
         let kept = match &st.keep {
@@ -438,7 +441,7 @@ impl Pipeline {
         let child = |id: String, out: Contribution| {
             let mut earlier = row.earlier.clone();
             earlier.push((st.name.clone(), out));
-            FlowRow { id, line: row.line, input: row.input.clone(), earlier, parent: Some((row.id.clone(), key)), input_jinja: row.input_jinja.clone() }
+            FlowRow { id, line: row.line, input: row.input.clone(), earlier, parent: Some((row.id.clone(), key)), input_jinja: row.input_jinja.clone(), fresh: row.fresh || fresh }
         };
         match &st.explode {
             None => adv.rows.push(child(id, out)),
@@ -603,26 +606,73 @@ pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&st
 }
 
 /// The files a multi-stage run writes: per stage, its records (JSONL, and CSV when configured);
-/// the composed dataset; failures. The dataset files are derived: each run writes them anew, from
-/// what every stage holds, so that they always match the config.
+/// the composed dataset; failures.
+///
+/// The dataset files are derived from the stage files. A run appends the rows it finishes with a
+/// new request to the live `dataset.jsonl`/`.csv` as they complete, and writes every row it
+/// finds finished (read back or new) to `dataset.jsonl.next`/`.csv.next`; a run that went
+/// through the whole input renames those over the live files ([`StageItem::Commit`]). So the live
+/// files never lose a row, and after each complete run they hold exactly the rows of the config
+/// it ran (a row whose stages changed is in the live file twice, old and new, until then).
 pub struct StageFiles {
     stages: Vec<(JsonlFile, Option<CsvFile>)>,
-    rows_jsonl: Option<JsonlFile>,
-    rows_csv: Option<AppendFile>,
+    /// The live dataset files (the CSV only when its header is this config's).
+    live: DatasetFiles,
+    /// The dataset as this run finds it, to replace the live files after a complete run.
+    next: DatasetFiles,
     failures: JsonlFile,
     dirty: bool,
     last_sync: std::time::Instant,
+}
+
+#[derive(Default)]
+struct DatasetFiles {
+    jsonl: Option<JsonlFile>,
+    csv: Option<AppendFile>,
+}
+
+impl DatasetFiles {
+    fn write(&mut self, r: &DatasetRow) -> Result<(), DatasetError> {
+        if let Some(j) = &mut self.jsonl {
+            j.append(r).map_err(write_err(j.path()))?;
+        }
+        if let Some(c) = &mut self.csv {
+            csv_bytes(r.csv_fields()).and_then(|b| c.append(&b)).map_err(write_err(c.path()))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), DatasetError> {
+        if let Some(j) = &mut self.jsonl {
+            j.sync().map_err(write_err(j.path()))?;
+        }
+        if let Some(c) = &mut self.csv {
+            c.sync().map_err(write_err(c.path()))?;
+        }
+        Ok(())
+    }
 }
 
 /// What the writer is asked to write.
 pub enum StageItem {
     Record(usize, Box<Record>),
     Failure(Box<crate::record::Failure>),
-    Row(Box<DatasetRow>),
+    /// A row that went through every stage; `fresh` when this run asked one of its requests.
+    Row(Box<DatasetRow>, bool),
+    /// The end of the run: with `true` (the whole input went through), the rebuilt dataset
+    /// replaces the live one; with `false`, it is dropped.
+    Commit(bool),
+}
+
+/// `dataset.jsonl.next` beside `dataset.jsonl`.
+fn next_path(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_owned();
+    s.push(".next");
+    PathBuf::from(s)
 }
 
 impl StageFiles {
-    /// Opens every file (the dataset files emptied first).
+    /// Opens every file.
     pub fn open(dir: &Path, stages: &[(&str, bool)], formats: &[OutputFormat]) -> Result<StageFiles, DatasetError> {
         let paths = OutputPaths::new(dir);
         let create = |p: &Path| std::fs::create_dir_all(p).map_err(|source| DatasetError::Open { path: p.to_owned(), source });
@@ -634,22 +684,32 @@ impl StageFiles {
             let c = if csv { Some(CsvFile::open(&stage_csv(dir, name), *schema)?) } else { None };
             files.push((j, c));
         }
-        for p in [&paths.jsonl, &paths.csv] {
-            match std::fs::remove_file(p) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(DatasetError::Open { path: p.to_owned(), source: e }),
-                _ => {}
-            }
+        let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+        let header = csv_bytes(dataset_csv_columns(&names)).map_err(|source| DatasetError::Write { path: paths.csv.clone(), source })?;
+        let mut live = DatasetFiles::default();
+        let mut next = DatasetFiles::default();
+        if formats.contains(&OutputFormat::Jsonl) {
+            live.jsonl = Some(JsonlFile::open(&paths.jsonl)?);
+            let n = next_path(&paths.jsonl);
+            let _ = std::fs::remove_file(&n);
+            next.jsonl = Some(JsonlFile::open(&n)?);
         }
-        let rows_jsonl = if formats.contains(&OutputFormat::Jsonl) { Some(JsonlFile::open(&paths.jsonl)?) } else { None };
-        let rows_csv = if csv {
+        if csv {
             let mut f = AppendFile::open(&paths.csv)?;
-            let names: Vec<&str> = stages.iter().map(|s| s.0).collect();
-            csv_bytes(dataset_csv_columns(&names)).and_then(|b| f.append(&b)).map_err(|source| DatasetError::Write { path: paths.csv.clone(), source })?;
-            Some(f)
-        } else {
-            None
-        };
-        Ok(StageFiles { stages: files, rows_jsonl, rows_csv, failures: JsonlFile::open(&paths.failures)?, dirty: false, last_sync: std::time::Instant::now() })
+            if f.is_empty() {
+                f.append(&header).map_err(write_err(&paths.csv))?;
+            }
+            // A CSV of other stages (the config changed) gets no rows of this one's columns:
+            // the complete run replaces it.
+            let same = std::fs::read(&paths.csv).map(|b| b.starts_with(&header)).unwrap_or(false);
+            live.csv = same.then_some(f);
+            let n = next_path(&paths.csv);
+            let _ = std::fs::remove_file(&n);
+            let mut f = AppendFile::open(&n)?;
+            f.append(&header).map_err(write_err(&n))?;
+            next.csv = Some(f);
+        }
+        Ok(StageFiles { stages: files, live, next, failures: JsonlFile::open(&paths.failures)?, dirty: false, last_sync: std::time::Instant::now() })
     }
 
     fn write(&mut self, item: &StageItem) -> Result<(), DatasetError> {
@@ -662,13 +722,29 @@ impl StageFiles {
                 }
             }
             StageItem::Failure(f) => self.failures.append(f.as_ref()).map_err(write_err(self.failures.path()))?,
-            StageItem::Row(r) => {
-                if let Some(j) = &mut self.rows_jsonl {
-                    j.append(r.as_ref()).map_err(write_err(j.path()))?;
+            StageItem::Row(r, fresh) => {
+                if *fresh {
+                    self.live.write(r)?;
                 }
-                if let Some(c) = &mut self.rows_csv {
-                    csv_bytes(r.csv_fields()).and_then(|b| c.append(&b)).map_err(write_err(c.path()))?;
+                self.next.write(r)?;
+            }
+            StageItem::Commit(complete) => {
+                Sink::sync(self)?;
+                let files = [self.next.jsonl.as_ref().map(|f| f.path().to_owned()), self.next.csv.as_ref().map(|f| f.path().to_owned())];
+                self.next = DatasetFiles::default();
+                for n in files.into_iter().flatten() {
+                    let live = n.with_extension("");
+                    let done = if *complete { std::fs::rename(&n, &live) } else { std::fs::remove_file(&n) };
+                    done.map_err(write_err(&live))?;
                 }
+                if *complete {
+                    // The renames, durable; the old live files are gone with them.
+                    self.live = DatasetFiles::default();
+                    if let Some(d) = self.failures.path().parent() {
+                        File::open(d).and_then(|d| d.sync_all()).map_err(write_err(d))?;
+                    }
+                }
+                return Ok(());
             }
         }
         self.dirty = true;
@@ -695,7 +771,8 @@ impl Sink for StageFiles {
                 written.tokens += r.completion_tokens.unwrap_or(0);
             }
             StageItem::Failure(_) => written.failures += 1,
-            StageItem::Row(_) => written.rows += 1,
+            StageItem::Row(..) => written.rows += 1,
+            StageItem::Commit(_) => {}
         }
         Ok(())
     }
@@ -710,12 +787,8 @@ impl Sink for StageFiles {
                 c.sync().map_err(write_err(c.path()))?;
             }
         }
-        if let Some(j) = &mut self.rows_jsonl {
-            j.sync().map_err(write_err(j.path()))?;
-        }
-        if let Some(c) = &mut self.rows_csv {
-            c.sync().map_err(write_err(c.path()))?;
-        }
+        self.live.sync()?;
+        self.next.sync()?;
         self.failures.sync().map_err(write_err(self.failures.path()))?;
         self.dirty = false;
         self.last_sync = std::time::Instant::now();

@@ -90,8 +90,19 @@ fn row_gist(r: &Value) -> Value {
     g
 }
 
+/// The dataset's rows by id (each id once), and the CSV holds the same rows.
 fn dataset_gist(dir: &Dir) -> BTreeMap<String, Value> {
-    read_jsonl(&dir.join("out/dataset.jsonl")).iter().map(|r| (r["id"].as_str().unwrap_or_default().to_owned(), row_gist(r))).collect()
+    let rows = read_jsonl(&dir.join("out/dataset.jsonl"));
+    let gist: BTreeMap<String, Value> = rows.iter().map(|r| (r["id"].as_str().unwrap_or_default().to_owned(), row_gist(r))).collect();
+    assert_eq!(gist.len(), rows.len(), "no row twice in dataset.jsonl");
+    let (header, csv_rows) = read_csv(&dir.join("out/dataset.csv"));
+    let col = header.iter().position(|h| h == "judge.prompt").expect("judge.prompt column");
+    let csv: BTreeMap<String, String> = csv_rows.iter().map(|r| (r[0].clone(), r[col].clone())).collect();
+    assert_eq!(csv.len(), csv_rows.len(), "no row twice in dataset.csv");
+    let json: BTreeMap<String, String> = gist.iter().map(|(id, g)| (id.clone(), g["judge"]["prompt"].as_str().unwrap_or_default().to_owned())).collect();
+    assert_eq!(csv, json, "the CSV has the JSONL's rows");
+    assert!(!dir.join("out/dataset.jsonl.next").exists() && !dir.join("out/dataset.csv.next").exists(), "no rebuild left behind");
+    gist
 }
 
 #[test]
@@ -378,4 +389,24 @@ fn an_explode_field_missing_from_the_reply_is_re_asked_then_a_failure() {
     }
     assert_eq!(fake.generations().len(), 4, "each asked again once (max_invalid = 1)");
     assert_eq!(read_jsonl(&dir.join("out/dataset.jsonl")).len(), 0);
+}
+
+#[test]
+fn a_run_that_cannot_start_keeps_the_dataset_as_it_was() {
+    let mut fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 3);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 4));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let before = dir.read("out/dataset.jsonl");
+    let csv_before = dir.read("out/dataset.csv");
+    // The judge edited, and the server gone: the run fails at its first request's check.
+    dir.write("run.toml", three_stages(&fake.url(), "Grade: {{ answer.response }}", 4));
+    fake.stop();
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(1).expect_stderr("cannot reach Ollama");
+    assert_eq!(dir.read("out/dataset.jsonl"), before, "the dataset is untouched");
+    assert_eq!(dir.read("out/dataset.csv"), csv_before);
+    assert!(!dir.join("out/dataset.jsonl.next").exists());
+    let m: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    assert_eq!(m["runs"][1]["status"], "failed");
 }

@@ -745,7 +745,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         ($s:expr, $row:expr, $rec:expr, $new:expr) => {{
             let (s, row, mut rec): (usize, FlowRow, Box<Record>) = ($s, $row, $rec);
             let key = resume::parse_key(&rec.key).unwrap_or(0);
-            match pipeline.advance(s, &row, &rec, key) {
+            match pipeline.advance(s, &row, &rec, key, $new) {
                 Err(e) => {
                     counts[s].failed += 1;
                     let f = record::Failure {
@@ -772,7 +772,8 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                     if pipeline.is_last(s) {
                         for r in adv.rows {
                             dataset_rows += 1;
-                            writer_ok &= writer.send(StageItem::Row(Box::new(Pipeline::dataset_row(r))));
+                            let fresh = r.fresh;
+                            writer_ok &= writer.send(StageItem::Row(Box::new(Pipeline::dataset_row(r)), fresh));
                         }
                     } else {
                         waiting[s + 1].extend(adv.rows);
@@ -943,6 +944,9 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     for r in runners.iter().flatten() {
         r.stop_probers();
     }
+    // The whole input went through: the dataset is rebuilt; else the live one stays as it is.
+    let complete = fatal.is_none() && stop_signal.is_none() && input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty());
+    writer.send(StageItem::Commit(complete && writer_ok));
     let (written, write_result) = writer.finish();
     progress.send(Event::End);
     drop(ev_tx);
