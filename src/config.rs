@@ -664,8 +664,11 @@ fn valid_stage_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
-/// Names a stage may not take: the dataset record's own fields.
-const RESERVED_STAGE_NAMES: &[&str] = &["id", "input", "loop"];
+/// Names a stage may not take: the dataset record's own fields, and words minijinja reads as
+/// something else than a variable.
+const RESERVED_STAGE_NAMES: &[&str] = &[
+    "id", "input", "loop", "true", "false", "none", "and", "or", "not", "in", "is", "if", "else", "self", "super", "caller", "varargs", "kwargs",
+];
 
 /// A `[[stages]]` config: each stage resolved as a one-stage config of its own (the run's
 /// `[backend]`, `[options]` and `[run]` with the stage's keys merged over them), errors renamed to
@@ -683,7 +686,7 @@ fn resolve_stages(path: &Path, raw: &RunConfig, list: &[StageConfig], env: &dyn 
             return Err(invalid(at("name"), format!("{:?}: a stage name is lower-case letters, digits and _, not starting with a digit (it is a template variable and a file name)", st.name)));
         }
         if RESERVED_STAGE_NAMES.contains(&st.name.as_str()) {
-            return Err(invalid(at("name"), format!("{:?} is a field of every dataset record: pick another name", st.name)));
+            return Err(invalid(at("name"), format!("{:?} is reserved (a field of every dataset record, or a word of the template language): pick another name", st.name)));
         }
         if names[..i].contains(&st.name.as_str()) {
             return Err(invalid(at("name"), format!("{:?} is the name of an earlier stage too", st.name)));
@@ -1074,6 +1077,58 @@ pub fn snapshot(cfg: &Config) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `[[stages]]` config in a temporary folder, loaded.
+    fn load_stages(stages: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("in.jsonl"), "{\"id\": \"a\", \"topic\": \"t\"}\n").expect("input");
+        let text = format!(
+            "name = \"s\"\n[backend]\nkind = \"ollama\"\nurl = \"http://h:1\"\nmodel = \"base\"\nkeep_alive = \"5m\"\n\
+             [options]\ntemperature = 0.5\nseed = 3\n[input]\npath = \"in.jsonl\"\n[run]\nconcurrency = 6\nmax_invalid = 4\n{stages}"
+        );
+        let path = dir.path().join("run.toml");
+        std::fs::write(&path, text).expect("config");
+        load_with_env(&path, &Overrides::default(), &|_| None)
+    }
+
+    #[test]
+    fn stages_merge_their_keys_over_the_run_and_inherit_the_rest() {
+        let cfg = load_stages(
+            "[[stages]]\nname = \"q\"\nmodel = \"teacher\"\ntemplate_text = \"{{ topic }}\"\nconcurrency = 2\nsamples_per_prompt = 3\n\
+             [stages.options]\ntemperature = 1.0\n[stages.backend]\nurl = \"http://other:2\"\n\
+             [[stages]]\nname = \"a\"\ntemplate_text = \"{{ q.response }}\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.stages.len(), 2);
+        let (q, a) = (&cfg.stages[0].cfg, &cfg.stages[1].cfg);
+        assert_eq!((q.backend().model.as_str(), a.backend().model.as_str()), ("teacher", "base"));
+        assert_eq!(q.options()["temperature"], 1.0);
+        assert_eq!(q.options()["seed"], 3, "other options inherited");
+        assert_eq!(a.options()["temperature"], 0.5);
+        assert_eq!((q.endpoints[0].url.as_str(), a.endpoints[0].url.as_str()), ("http://other:2", "http://h:1"));
+        assert_eq!((q.run().concurrency, a.run().concurrency, cfg.run().concurrency), (2, 6, 6));
+        assert_eq!((q.run().samples_per_prompt, a.run().samples_per_prompt), (3, 1));
+        assert_eq!(q.run().max_invalid, 4);
+        assert_eq!(q.backend().keep_alive, Some(Value::from("5m")), "backend keys inherited");
+    }
+
+    #[test]
+    fn stage_errors_name_the_stage_key() {
+        let key = |stages: &str| match load_stages(stages) {
+            Err(ConfigError::Invalid { key, .. }) | Err(ConfigError::File { key, .. }) => key,
+            other => panic!("expected an error, got {other:?}"),
+        };
+        assert_eq!(key("[[stages]]\nname = \"q\"\n"), "stages[0].template");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate = \"missing.jinja\"\n"), "stages[0].template");
+        assert_eq!(key("[[stages]]\nname = \"true\"\ntemplate_text = \"x\"\n"), "stages[0].name");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\n[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\n"), "stages[1].name");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\nconcurrency = 7\n"), "stages[0].concurrency");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\nsamples_per_prompt = 0\n"), "stages[0].samples_per_prompt");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\n[stages.backend]\nthink = 3\n"), "stages[0].backend.think");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\nkeep = \"q.parsed.x >\"\n"), "stages[0].keep");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"{{ a.response }}\"\n[[stages]]\nname = \"a\"\ntemplate_text = \"x\"\n"), "stages[0].template");
+        assert_eq!(key("[[stages]]\nname = \"q\"\ntemplate_text = \"x\"\nexplode = \"items\"\n"), "stages[0].explode");
+    }
 
     #[test]
     fn ollama_host_rules() {

@@ -133,7 +133,7 @@ impl Planner {
     }
 
     /// A multi-stage row's prompt, from a context the caller built (its top-level `names`).
-    pub fn render_context<'a>(&self, id: &str, line: u64, ctx: minijinja::Value, names: &mut dyn Iterator<Item = &'a str>) -> Result<String, PlanError> {
+    pub fn render_context(&self, id: &str, line: u64, ctx: minijinja::Value, names: &mut dyn Iterator<Item = &str>) -> Result<String, PlanError> {
         self.template.render_context(id, line, ctx, names).map_err(|source| PlanError::Render { path: self.cfg.input_path.clone(), source })
     }
 

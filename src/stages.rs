@@ -795,3 +795,99 @@ impl Sink for StageFiles {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pipeline(dir: &Path) -> Pipeline {
+        std::fs::write(dir.join("in.jsonl"), "{\"id\": \"t1\", \"topic\": \"optics\"}\n").expect("input");
+        let text = r#"name = "s"
+[backend]
+kind = "ollama"
+url = "http://h:1"
+model = "m"
+[input]
+path = "in.jsonl"
+id_field = "id"
+[[stages]]
+name = "q"
+template_text = "About {{ topic }}"
+schema_text = '{"type": "object", "properties": {"qs": {"type": "array"}}}'
+explode = "qs"
+[[stages]]
+name = "a"
+template_text = "{{ q.item }} (#{{ q.item_index }} of {{ q.parsed.qs | length }}, {{ topic }})"
+samples_per_prompt = 2
+keep = "a.response != 'drop me'"
+"#;
+        std::fs::write(dir.join("run.toml"), text).expect("config");
+        let cfg = crate::config::load_with_env(&dir.join("run.toml"), &Default::default(), &|_| None).expect("config");
+        Pipeline::new(&cfg).expect("pipeline")
+    }
+
+    fn record(id: &str, sample: u32, response: &str, parsed: Option<Value>) -> Record {
+        Record { id: id.into(), sample, response: response.into(), parsed, prompt: "p".into(), model: "m".into(), ..Record::default() }
+    }
+
+    #[test]
+    fn rows_explode_sample_keep_and_see_earlier_stages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path());
+        assert_eq!(p.check().expect("check"), 1);
+        let row = p.rows().expect("rows").next().expect("a row").expect("ok");
+        let (prompt, reqs) = p.requests(0, &row).expect("requests");
+        assert_eq!(prompt, "About optics");
+        assert_eq!(reqs.len(), 1);
+        let q = record("t1", 0, "{}", Some(json!({"qs": ["why?", "how?", "when?"]})));
+        let adv = p.advance(0, &row, &q, 7, true).expect("advance");
+        assert_eq!(adv.exploded, Some(3));
+        let ids: Vec<&str> = adv.rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["t1/0", "t1/1", "t1/2"]);
+        let second = &adv.rows[1];
+        assert_eq!(second.parent, Some(("t1".to_owned(), 7)));
+        assert!(second.fresh);
+        let (prompt, reqs) = p.requests(1, second).expect("requests");
+        assert_eq!(prompt, "how? (#1 of 3, optics)");
+        assert_eq!(reqs.len(), 2, "two samples");
+        assert_ne!(reqs[0].key, reqs[1].key);
+        // Keys chain: the same prompt under another parent is another request.
+        let mut other = second.clone();
+        other.parent = Some(("t1".to_owned(), 8));
+        assert_ne!(p.requests(1, &other).expect("requests").1[0].key, reqs[0].key);
+
+        // Samples make ID#k rows; keep drops one; the last stage's rows are the dataset's.
+        let kept = p.advance(1, second, &record("t1/1", 1, "an answer", None), 9, false).expect("advance");
+        assert_eq!(kept.kept, Some(true));
+        assert_eq!(kept.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["t1/1#1"]);
+        let dropped = p.advance(1, second, &record("t1/1", 0, "drop me", None), 9, false).expect("advance");
+        assert_eq!((dropped.kept, dropped.rows.len()), (Some(false), 0));
+
+        let ds = Pipeline::dataset_row(kept.rows.into_iter().next().expect("row"));
+        let v = serde_json::to_value(&ds).expect("json");
+        assert_eq!(v["id"], "t1/1#1");
+        assert_eq!(v["input"], json!({"id": "t1", "topic": "optics"}));
+        assert_eq!((v["q"]["item"].clone(), v["q"]["item_index"].clone()), (json!("how?"), json!(1)));
+        assert_eq!(v["a"]["response"], "an answer");
+        assert!(v["a"]["item"].is_null());
+        let text = serde_json::to_string(&ds).expect("json");
+        assert!(text.starts_with("{\"id\":\"t1/1#1\",\"input\":"), "id and input first: {text}");
+        assert!(text.find("\"q\":").unwrap_or(0) < text.find("\"a\":").unwrap_or(0), "stages in order");
+        assert_eq!(ds.csv_fields().len(), dataset_csv_columns(&["q", "a"]).len());
+    }
+
+    #[test]
+    fn an_empty_array_ends_the_row_and_a_failing_keep_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pipeline(dir.path());
+        let row = p.rows().expect("rows").next().expect("a row").expect("ok");
+        let adv = p.advance(0, &row, &record("t1", 0, "{}", Some(json!({"qs": []}))), 1, true).expect("advance");
+        assert_eq!((adv.exploded, adv.rows.len()), (Some(0), 0));
+        let child = p.advance(0, &row, &record("t1", 0, "{}", Some(json!({"qs": ["x"]}))), 1, true).expect("advance").rows.remove(0);
+        // `keep` reads a.response: fine. A keep naming what is not there is an error, not a drop.
+        let mut bad = p;
+        bad.stages[1].keep = Some(KeepExpr::new("a.parsed.score >= 7").expect("compiles"));
+        assert!(bad.advance(1, &child, &record("t1/0", 0, "text", None), 2, true).is_err());
+    }
+}

@@ -45,7 +45,7 @@ impl PromptTemplate {
 
     /// Renders with a context built by the caller (multi-stage rows): `names` are the context's
     /// top-level names, checked against the template's variables first.
-    pub fn render_context<'a>(&self, id: &str, line: u64, ctx: minijinja::Value, names: &mut dyn Iterator<Item = &'a str>) -> Result<String, TemplateError> {
+    pub fn render_context(&self, id: &str, line: u64, ctx: minijinja::Value, names: &mut dyn Iterator<Item = &str>) -> Result<String, TemplateError> {
         let have: Vec<&str> = names.collect();
         for v in &self.variables {
             if !have.contains(&v.as_str()) && self.env.globals().all(|(g, _)| g != v.as_str()) {
