@@ -226,6 +226,8 @@ pub struct StageSpec {
     pub cfg: Box<Config>,
     pub explode: Option<String>,
     pub keep: Option<String>,
+    /// The stage's own cap on requests in flight (`stages[i].concurrency`).
+    pub concurrency: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -703,14 +705,17 @@ fn resolve_stages(path: &Path, raw: &RunConfig, list: &[StageConfig], env: &dyn 
         });
         if let Some(table) = &st.backend {
             let mut merged = serde_json::to_value(&raw.backend).unwrap_or_default();
+            // `--url` is every stage's server: a stage's own servers give way to it.
+            let servers = ["url", "urls", "endpoints"];
+            let table: Map<String, Value> = table.iter().filter(|(k, _)| url_flag.is_none() || !servers.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
             if let Some(m) = merged.as_object_mut() {
-                if ["url", "urls", "endpoints"].iter().any(|k| table.contains_key(*k)) {
+                if servers.iter().any(|k| table.contains_key(*k)) {
                     for k in ["url", "urls", "endpoints"] {
                         m.remove(k);
                     }
                 }
                 for (k, v) in table {
-                    m.insert(k.clone(), v.clone());
+                    m.insert(k, v);
                 }
             }
             sr.backend = serde_json::from_value(merged).map_err(|e| invalid(at("backend"), e.to_string()))?;
@@ -758,7 +763,7 @@ fn resolve_stages(path: &Path, raw: &RunConfig, list: &[StageConfig], env: &dyn 
             let vars = crate::template::expression_variables(k).map_err(|m| invalid(at("keep"), m))?;
             check_stage_refs(&vars, &names, i, true).map_err(|m| invalid(at("keep"), m))?;
         }
-        specs.push(StageSpec { name: st.name.clone(), cfg: Box::new(cfg), explode: st.explode.clone(), keep: st.keep.clone() });
+        specs.push(StageSpec { name: st.name.clone(), cfg: Box::new(cfg), explode: st.explode.clone(), keep: st.keep.clone(), concurrency: st.concurrency });
     }
     // The run's own config: input, output, endpoints and settings as written at the top.
     let mut r = raw.clone();

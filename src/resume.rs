@@ -403,7 +403,7 @@ fn truncate_keeping(path: &Path, keep: u64, len: u64) -> Result<Option<String>, 
 
 /// Makes the CSV hold exactly the JSONL's records, in order: keeps the longest prefix that
 /// matches (a record counts only when terminated), cuts the rest aside, re-appends what is missing.
-fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) -> Result<Option<String>, ResumeError> {
+pub fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) -> Result<Option<String>, ResumeError> {
     let len = match std::fs::metadata(csv_path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,

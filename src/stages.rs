@@ -352,18 +352,24 @@ impl Pipeline {
                 }
             }
             if rows == 0 {
-                for (i, s) in self.stages.iter().enumerate().skip(1) {
-                    for v in s.planner.variables() {
-                        if !row.input.contains_key(v) && !self.stages[..i].iter().any(|e| e.name.as_ref() == v) {
+                for (i, s) in self.stages.iter().enumerate() {
+                    let keep_vars = match &s.keep {
+                        Some(k) => crate::template::expression_variables(k.source()).unwrap_or_default(),
+                        None => Vec::new(),
+                    };
+                    let template_vars = s.planner.variables().iter().filter(|_| i > 0).map(|v| (v, "template", i));
+                    // `keep` also reads the stage's own output.
+                    for (v, key, upto) in template_vars.chain(keep_vars.iter().map(|v| (v, "keep", i + 1))) {
+                        if !row.input.contains_key(v) && !self.stages[..upto].iter().any(|e| e.name.as_ref() == v) {
                             let mut have: Vec<&str> = row.input.keys().map(String::as_str).collect();
                             have.sort();
                             return Err(self.key_error(
-                                &format!("stages[{i}].template"),
+                                &format!("stages[{i}].{key}"),
                                 format!(
-                                    "stage {:?} uses `{v}`, which is neither a field of the input ({}) nor an earlier stage ({})",
+                                    "stage {:?} uses `{v}`, which is neither a field of the input ({}) nor a stage it can read ({})",
                                     s.name.as_ref(),
                                     have.join(", "),
-                                    self.stages[..i].iter().map(|e| e.name.as_ref()).collect::<Vec<_>>().join(", ")
+                                    self.stages[..upto].iter().map(|e| e.name.as_ref()).collect::<Vec<_>>().join(", ")
                                 ),
                             ));
                         }
@@ -456,6 +462,16 @@ impl Pipeline {
         Ok(adv)
     }
 
+    /// Whether a stage's record read back from an earlier run can stand for its request: a stage
+    /// that explodes needs the array in it (the record may come from before `explode` was set, or
+    /// from a looser schema); one without it is asked again.
+    pub fn reusable(&self, s: usize, rec: &Record) -> bool {
+        match &self.stages[s].explode {
+            None => true,
+            Some(f) => rec.parsed.as_ref().and_then(|p| p.get(f)).is_some_and(Value::is_array),
+        }
+    }
+
     pub fn is_last(&self, s: usize) -> bool {
         s + 1 == self.stages.len()
     }
@@ -546,8 +562,10 @@ pub struct PipelinePrior {
     pub repairs: Vec<String>,
 }
 
-/// Reads the stage files and failures back (cutting torn last lines when `repair`).
-pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&str>, repair: bool) -> Result<PipelinePrior, ResumeError> {
+/// Reads the stage files and failures back. With `repair`: torn last lines are cut (stage files,
+/// failures, the live dataset files), and with `csv` (the stages' `(name, schema)`) each stage's
+/// CSV is made to hold exactly its JSONL's records.
+pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&str>, repair: bool, csv: Option<&[(&str, bool)]>) -> Result<PipelinePrior, ResumeError> {
     let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
     let mut prior = PipelinePrior::default();
     let io_err = |p: &Path| {
@@ -560,6 +578,7 @@ pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&st
             prior.repairs.extend(cut_torn_tail(&path)?);
         }
         let mut sp = StagePrior { file: Some(path.clone()), ..Default::default() };
+        let mut order: Vec<u128> = Vec::new();
         match File::open(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err(&path)(e)),
@@ -576,18 +595,32 @@ pub fn load_prior(dir: &Path, names: &[&str], failures: &Path, since: Option<&st
                     n += 1;
                     let head: KeyHead = serde_json::from_slice(&line)
                         .map_err(|e| ResumeError::BadLine { path: path.clone(), line: n, message: e.to_string() })?;
-                    if let Some(k) = parse_key(&head.key) {
+                    let k = parse_key(&head.key);
+                    if let Some(k) = k {
                         sp.done.insert(k, offset);
+                    }
+                    if csv.is_some() {
+                        order.push(k.unwrap_or(0));
                     }
                     sp.records_since += u64::from(after(&head.finished_at));
                     offset += len as u64;
                 }
             }
         }
+        if let (true, Some(schemas)) = (repair, csv) {
+            let schema = schemas.iter().any(|(n, s)| n == name && *s);
+            prior.repairs.extend(crate::resume::reconcile_csv(&stage_csv(dir, name), &path, &order, schema)?);
+        }
         prior.stages.push(sp);
     }
     if repair {
         prior.repairs.extend(cut_torn_tail(failures)?);
+        // The live dataset gets rows appended until the next complete run rebuilds it.
+        let paths = OutputPaths::new(dir);
+        prior.repairs.extend(cut_torn_tail(&paths.jsonl)?);
+        if csv.is_some() {
+            prior.repairs.extend(cut_torn_tail(&paths.csv)?);
+        }
     }
     if let Ok(f) = File::open(failures) {
         for (n, line) in BufReader::new(f).lines().enumerate() {
@@ -701,7 +734,11 @@ impl StageFiles {
             }
             // A CSV of other stages (the config changed) gets no rows of this one's columns:
             // the complete run replaces it.
-            let same = std::fs::read(&paths.csv).map(|b| b.starts_with(&header)).unwrap_or(false);
+            let same = {
+                use std::io::Read;
+                let mut head = vec![0u8; header.len()];
+                File::open(&paths.csv).and_then(|mut f| f.read_exact(&mut head)).is_ok() && head == header
+            };
             live.csv = same.then_some(f);
             let n = next_path(&paths.csv);
             let _ = std::fs::remove_file(&n);

@@ -410,3 +410,120 @@ fn a_run_that_cannot_start_keeps_the_dataset_as_it_was() {
     let m: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
     assert_eq!(m["runs"][1]["status"], "failed");
 }
+
+#[test]
+fn a_stage_cap_holds_whatever_the_endpoint_allows() {
+    let fake = fake(5);
+    let dir = Dir::new();
+    write_topics(&dir, 6);
+    // The server takes 6 at once; the teacher stage is capped at 1, the answer stage at 2.
+    let cfg = three_stages(&fake.url(), JUDGE_TEMPLATE, 6)
+        .replace(&format!("url = \"{}\"\n", fake.url()), "")
+        .replace("[options]", &format!("[[backend.endpoints]]\nurl = \"{}\"\nconcurrency = 6\n[options]", fake.url()))
+        .replace("name = \"answer\"\n", "name = \"answer\"\nconcurrency = 2\n");
+    dir.write("run.toml", &cfg);
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    // In flight at once, by the records' own times (sent = finished - duration; ms precision).
+    let peak = |stage: &str| {
+        let mut events: Vec<(i64, i32)> = Vec::new();
+        for r in read_jsonl(&dir.join(&format!("out/stages/{stage}.jsonl"))) {
+            let end = humantime::parse_rfc3339(r["finished_at"].as_str().unwrap_or_default()).expect("time");
+            let end = end.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as i64;
+            let start = end - r["duration_ms"].as_i64().unwrap_or(0);
+            events.push((start + 2, 1));
+            events.push((end, -1));
+        }
+        events.sort();
+        events.iter().scan(0, |n, (_, d)| {
+            *n += d;
+            Some(*n)
+        }).max().unwrap_or(0)
+    };
+    assert_eq!(peak("questions"), 1, "the teacher's cap");
+    assert_eq!(peak("answer"), 2, "the student's cap");
+    assert!(fake.peak_concurrency("fake-model") >= 3, "the judge used the room left");
+    assert_eq!(read_jsonl(&dir.join("out/stages/answer.jsonl")).len(), 12);
+}
+
+#[test]
+fn a_folder_of_the_other_kind_is_refused_and_keep_names_are_checked_before_any_request() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 2);
+    let one_stage = format!(
+        "name = \"one\"\n[backend]\nkind = \"ollama\"\nurl = \"{}\"\nmodel = \"fake-model\"\n[prompts]\ntemplate_text = \"{{{{ topic }}}}\"\n[input]\npath = \"topics.jsonl\"\nid_field = \"id\"\n[output]\ndir = \"out\"\n",
+        fake.url()
+    );
+    dir.write("one.toml", &one_stage);
+    dir.run(&["--config", "one.toml", "--progress", "none"], &[]).expect_code(0);
+    let before = dir.read("out/dataset.jsonl");
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(1).expect_stderr("holds a one-stage run");
+    assert_eq!(dir.read("out/dataset.jsonl"), before, "the one-stage dataset is untouched");
+    let n = fake.generations().len();
+    dir.run(&["--config", "run.toml", "--progress", "none", "--fresh"], &[]).expect_code(0);
+    dir.run(&["--config", "one.toml", "--progress", "none"], &[]).expect_code(1).expect_stderr("holds a multi-stage run");
+    assert_eq!(fake.generations().len(), n + 10, "only the --fresh run asked anything");
+
+    // A keep that reads a name no stage or field has: an error before the first request.
+    let other = Dir::new();
+    write_topics(&other, 2);
+    other.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2).replace("keep = \"judge.parsed.score", "keep = \"juge.parsed.score"));
+    let n = fake.generations().len();
+    other.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(1).expect_stderr("`stages[2].keep`").expect_stderr("`juge`");
+    assert_eq!(fake.generations().len(), n);
+}
+
+#[test]
+fn a_keep_that_fails_keeps_the_reply_and_a_fixed_keep_asks_nothing_again() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 2);
+    // `parsed.grade` does not exist: every row fails at the judge's keep.
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2).replace("judge.parsed.score >= 5", "judge.parsed.grade >= 5"));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(3);
+    assert_eq!(read_jsonl(&dir.join("out/stages/judge.jsonl")).len(), 4, "the judge's replies are kept");
+    let fails = read_jsonl(&dir.join("out/failures.jsonl"));
+    assert!(fails.len() == 4 && fails.iter().all(|f| f["stage"] == "judge" && f["error"].as_str().is_some_and(|e| e.contains("keep"))), "{fails:?}");
+    let n = fake.generations().len();
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    assert_eq!(fake.generations().len(), n, "the fixed keep reads the kept replies");
+    assert_eq!(read_jsonl(&dir.join("out/dataset.jsonl")).len(), 2);
+}
+
+#[test]
+fn torn_stage_files_are_repaired_and_the_csvs_match_the_jsonl() {
+    let fake = fake(0);
+    let dir = Dir::new();
+    write_topics(&dir, 3);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2));
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    // A kill mid-write: the last judge record and CSV row torn, the answer CSV one row short.
+    for (f, cut) in [("out/stages/judge.jsonl", 30usize), ("out/stages/judge.csv", 40), ("out/stages/answer.csv", 0)] {
+        let mut bytes = std::fs::read(dir.join(f)).expect("read");
+        let keep = if cut == 0 {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let (header, rows) = read_csv(&dir.join(f));
+            assert!(!rows.is_empty() && !header.is_empty());
+            // Drop the last record whole.
+            let last_start = text.rfind("\nt").map(|i| i + 1).unwrap_or(text.len());
+            last_start
+        } else {
+            bytes.len() - cut
+        };
+        bytes.truncate(keep);
+        std::fs::write(dir.join(f), bytes).expect("write");
+    }
+    let n = fake.generations().len();
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0).expect_stderr("repaired");
+    assert_eq!(fake.generations().len(), n + 1, "only the torn judge record is asked again");
+    for s in ["questions", "answer", "judge"] {
+        let jsonl = read_jsonl(&dir.join(&format!("out/stages/{s}.jsonl")));
+        let (header, rows) = read_csv(&dir.join(&format!("out/stages/{s}.csv")));
+        let key = header.iter().position(|h| h == "key").expect("key column");
+        assert_eq!(rows.iter().map(|r| r[key].clone()).collect::<Vec<_>>(), jsonl.iter().map(|r| r["key"].as_str().unwrap_or_default().to_owned()).collect::<Vec<_>>(), "{s}: the CSV holds the JSONL's records");
+        assert!(rows.iter().all(|r| r.len() == header.len()));
+    }
+    assert_eq!(dataset_gist(&dir).len(), 3);
+}

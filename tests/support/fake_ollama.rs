@@ -87,6 +87,38 @@ pub struct SeenRequest {
 struct State {
     attempts: HashMap<String, u32>,
     seen: Vec<SeenRequest>,
+    /// Generation requests being answered now, and the most at once, per model.
+    active: HashMap<String, usize>,
+    peak: HashMap<String, usize>,
+}
+
+/// Counts a generation request as in progress until dropped.
+struct Active {
+    state: Arc<Mutex<State>>,
+    model: String,
+}
+
+impl Active {
+    fn start(state: &Arc<Mutex<State>>, model: &str) -> Active {
+        if let Ok(mut st) = state.lock() {
+            let n = st.active.entry(model.to_owned()).or_insert(0);
+            *n += 1;
+            let n = *n;
+            let p = st.peak.entry(model.to_owned()).or_insert(0);
+            *p = (*p).max(n);
+        }
+        Active { state: state.clone(), model: model.to_owned() }
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.state.lock() {
+            if let Some(n) = st.active.get_mut(&self.model) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 pub struct FakeOllama {
@@ -148,6 +180,11 @@ impl FakeOllama {
     /// Generation requests seen (chat, generate, OpenAI chat completions).
     pub fn generations(&self) -> Vec<SeenRequest> {
         self.seen().into_iter().filter(|r| is_generation(&r.path)).collect()
+    }
+
+    /// The most generation requests for `model` it was answering at once.
+    pub fn peak_concurrency(&self, model: &str) -> usize {
+        self.state.lock().map(|s| s.peak.get(model).copied().unwrap_or(0)).unwrap_or(0)
     }
 
     /// Stops at once, as a crashed server does: open connections are cut, new ones refused.
@@ -373,6 +410,7 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
         }
     };
     let model = body.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let _active = is_generation(&path).then(|| Active::start(&state, &model));
     match (method.as_str(), path.as_str()) {
         ("GET", "/") => respond_json(&mut sock, 200, "", &json!("Ollama is running")).await,
         ("GET", "/api/version") => respond_json(&mut sock, 200, "", &json!({"version": "0.12.6-fake"})).await,

@@ -219,6 +219,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // One run per folder: the lock comes before anything is read or repaired. A folder that does
     // not exist yet is locked when it is created, after the checks.
     let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
+    if lock.is_some() && !opts.fresh && paths.dir.join("stages").is_dir() {
+        anyhow::bail!(
+            "{} holds a multi-stage run (it has stages/), and {} has one stage ([prompts]): give another --output (or output.dir), \
+             or --fresh to move the old folder aside",
+            paths.dir.display(),
+            cfg.path.display()
+        );
+    }
     let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
     let prior = if opts.fresh {
         Prior::default()
@@ -631,11 +639,21 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut lock = OutputLock::acquire_if_exists(&paths.dir)?;
     let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
+    if lock.is_some() && !opts.fresh && !paths.dir.join("stages").is_dir() && [&paths.jsonl, &paths.csv].iter().any(|p| p.metadata().is_ok_and(|m| m.len() > 0)) {
+        anyhow::bail!(
+            "{} holds a one-stage run (a dataset and no stages/), and {} has [[stages]]: give another --output (or output.dir), \
+             or --fresh to move the old folder aside",
+            paths.dir.display(),
+            cfg.path.display()
+        );
+    }
     let rows_in = pipeline.check()?;
+    let schemas: Vec<(&str, bool)> = pipeline.stages.iter().map(|s| (s.name.as_ref(), s.has_schema())).collect();
     let prior = if opts.fresh || lock.is_none() {
         stages::PipelinePrior { stages: names.iter().map(|_| Default::default()).collect(), ..Default::default() }
     } else {
-        stages::load_prior(&paths.dir, &name_refs, &paths.failures, killed_since.as_deref(), true)?
+        let csv = cfg.raw.output.formats.contains(&config::OutputFormat::Csv).then_some(schemas.as_slice());
+        stages::load_prior(&paths.dir, &name_refs, &paths.failures, killed_since.as_deref(), true, csv)?
     };
     if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
         last.status = "killed".into();
@@ -699,7 +717,6 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         paths.create_dir()?;
         lock = Some(OutputLock::acquire(&paths.dir)?);
     }
-    let schemas: Vec<(&str, bool)> = pipeline.stages.iter().map(|s| (s.name.as_ref(), s.has_schema())).collect();
     let files = StageFiles::open(&paths.dir, &schemas, &cfg.raw.output.formats)?;
     start_log(&paths.log)?;
     tracing::info!(config = %cfg.path.display(), stages = %names.join(" -> "), rows = rows_in, "run starting");
@@ -719,7 +736,13 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
 
     let n = pipeline.stages.len();
     let global = cfg.total_concurrency();
-    let caps: Vec<usize> = pipeline.stages.iter().map(|s| s.cfg.total_concurrency().min(global)).collect();
+    // A stage's cap: its own `concurrency`, within its servers' room and the run's.
+    let caps: Vec<usize> = pipeline
+        .stages
+        .iter()
+        .zip(&cfg.stages)
+        .map(|(s, spec)| s.cfg.total_concurrency().min(global).min(spec.concurrency.unwrap_or(usize::MAX)))
+        .collect();
     let mut counts = stage_counts(&pipeline);
     let mut waiting: Vec<std::collections::VecDeque<FlowRow>> = (0..n).map(|_| Default::default()).collect();
     let mut ready: Vec<std::collections::VecDeque<(Job, FlowRow)>> = (0..n).map(|_| Default::default()).collect();
@@ -747,6 +770,12 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
             let key = resume::parse_key(&rec.key).unwrap_or(0);
             match pipeline.advance(s, &row, &rec, key, $new) {
                 Err(e) => {
+                    // The reply is kept (it was paid for; `keep` is not part of its key): a
+                    // fixed `keep` finds it again. The row stops here, as a failure.
+                    if $new {
+                        tokens += rec.completion_tokens.unwrap_or(0);
+                        writer_ok &= writer.send(StageItem::Record(s, rec.clone()));
+                    }
                     counts[s].failed += 1;
                     let f = record::Failure {
                         id: rec.id.clone(), sample: rec.sample, model: rec.model.clone(), error: e, attempts: rec.attempts, retryable: false,
@@ -786,8 +815,17 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     'run: loop {
         // Fill: send what can be sent, deepest stage first; turn waiting rows into requests
         // (or, for requests already answered, into the next stage's rows); read more input only
-        // when the stages below have nothing to do.
+        // when the stages below have nothing to do. After a few hundred steps it lets the select
+        // below run (signals, finished requests), so that reading back a large finished batch
+        // never makes Ctrl-C wait.
+        let mut steps = 0u32;
+        let mut more = false;
         while stop_signal.is_none() && writer_ok {
+            steps += 1;
+            if steps > 512 {
+                more = true;
+                break;
+            }
             let mut busy: usize = flying.iter().sum();
             if busy < global && runners.is_some() {
                 for s in (0..n).rev() {
@@ -845,8 +883,14 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                         for req in reqs {
                             added += 1;
                             counts[s].requested += 1;
-                            if let Some(rec) = prior.stages[s].record(req.key) {
-                                let rec = rec.with_context(|| format!("cannot read back a record of stage {:?}", names[s]))?;
+                            let earlier = match prior.stages[s].record(req.key).transpose() {
+                                Ok(r) => r.filter(|r| pipeline.reusable(s, r)),
+                                Err(e) => {
+                                    fatal = Some(anyhow::Error::from(e).context(format!("cannot read back a record of stage {:?}", names[s])));
+                                    break 'run;
+                                }
+                            };
+                            if let Some(rec) = earlier {
                                 already += 1;
                                 counts[s].already_done += 1;
                                 on_record!(s, row.clone(), Box::new(rec), false);
@@ -888,6 +932,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
             manifest_at = Instant::now();
         }
         tokio::select! {
+            _ = tokio::task::yield_now(), if more => {}
             done = tasks.next(), if !tasks.is_empty() => {
                 let Some((job_seq, result)) = done else { continue };
                 let Some((s, row)) = rows_of.remove(&job_seq) else { continue };
