@@ -61,10 +61,17 @@ attempts of that prompt (e.g. [[503x2]]: busy twice, then a normal answer).
   [[length]]    ends with done_reason: length
   [[slow]]      a pause per token
   [[nousage]]   OpenAI API only: no usage chunk (as llama-cpp-python streams)
+With a JSON schema in the request (structured output), the reply is JSON made to fit it, and:
+  [[badjson]]     the JSON cut in half
+  [[outofrange]]  numbers 90 above their maximum
+  [[fenced]]      the JSON in a Markdown code fence
+  [[emptyarrays]] every array empty (a stage that explodes it ends the row)
+  [[arrayN]]      every array N items long, e.g. [[array50]]
 
-Example:
-  cargo run --release --example fake_ollama -- --port 11999 --model llama3.2:3b &
-  cargo run --release -- --config configs/example.toml --url http://127.0.0.1:11999 --output output/example-fake";
+Examples:
+  cargo run --release --example fake_ollama -- --port 11999 --model llama3.2:3b --model qwen3:8b &
+  cargo run --release -- --config configs/example.toml --url http://127.0.0.1:11999 --output output/example-fake
+  cargo run --release -- --config configs/distill.toml --url http://127.0.0.1:11999 --output output/distill-fake";
 
 fn help() -> ! {
     println!("{USAGE}\n\n{HELP}");

@@ -265,7 +265,7 @@ impl Runner {
     /// holds the validation errors and the last reply of one whose replies never validated.
     #[allow(clippy::too_many_arguments)]
     fn failed(&self, job: Job, label: String, attempts: u32, url: &str, error: String, retryable: bool, invalid: Option<(Vec<String>, String)>) -> JobResult {
-        tracing::error!(id = %job.row_id, sample = job.sample, attempts, endpoint = url, error = %error, "failed");
+        tracing::error!(stage = self.role.name.as_deref(), id = %job.row_id, sample = job.sample, attempts, endpoint = url, error = %error, "failed");
         self.progress.send(Event::Failed { job: job.seq, label, error: error.clone() });
         let (validation_errors, last_reply) = invalid.map_or((None, None), |(e, r)| (Some(e), Some(r)));
         JobResult::Failure(Box::new(Failure {
@@ -344,7 +344,7 @@ impl Runner {
                                 options.insert("seed".into(), json!(s));
                                 seed = Some(s);
                             }
-                            tracing::warn!(id = %job.row_id, sample = job.sample, reask = invalid, of = max_invalid, errors = %why, "invalid reply; asking again");
+                            tracing::warn!(stage = self.role.name.as_deref(), id = %job.row_id, sample = job.sample, reask = invalid, of = max_invalid, errors = %why, "invalid reply; asking again");
                             self.progress.send(Event::ReAsk { job: job.seq, n: invalid, of: max_invalid, error: why.to_string() });
                             continue;
                         }
@@ -354,7 +354,7 @@ impl Runner {
                         }
                     };
                     let completion = r.stats.completion_tokens.unwrap_or(0);
-                    tracing::info!(id = %job.row_id, sample = job.sample, attempts, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
+                    tracing::info!(stage = self.role.name.as_deref(), id = %job.row_id, sample = job.sample, attempts, ms = r.elapsed.as_millis() as u64, tokens = completion, "done");
                     self.progress.send(Event::Done { job: job.seq, completion_tokens: completion });
                     return JobResult::Record(Box::new(Record {
                         id: job.row_id,
@@ -387,7 +387,7 @@ impl Runner {
             };
             last_failed = Some(endpoint);
             if self.ride_outages && e.endpoint_trouble() && self.confirm_down(endpoint, &e).await {
-                tracing::warn!(id = %job.row_id, sample = job.sample, endpoint = client.url(), error = %e, "server down: the request waits for it");
+                tracing::warn!(stage = self.role.name.as_deref(), id = %job.row_id, sample = job.sample, endpoint = client.url(), error = %e, "server down: the request waits for it");
                 self.progress.send(Event::ServerWait { job: job.seq });
                 continue;
             }
@@ -398,7 +398,7 @@ impl Runner {
             spent += 1;
             if e.retryable() && spent <= max_retries {
                 let delay = self.backoff(spent, self.capped_retry_after(&e, client.url()));
-                tracing::warn!(id = %job.row_id, sample = job.sample, attempt = attempts, endpoint = client.url(), error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+                tracing::warn!(stage = self.role.name.as_deref(), id = %job.row_id, sample = job.sample, attempt = attempts, endpoint = client.url(), error = %e, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
                 self.progress.send(Event::Retry { job: job.seq, attempt: spent, of: max_retries, error: e.to_string(), delay });
                 tokio::select! {
                     biased;

@@ -339,6 +339,8 @@ pub struct Config {
     pub output_dir: PathBuf,
     /// The stages of a `[[stages]]` config, in order; empty for a `[prompts]` one.
     pub stages: Vec<StageSpec>,
+    /// Where the model name is set, for messages: `backend.model (or --model)`, or a stage's key.
+    pub model_key: String,
 }
 
 impl Config {
@@ -656,6 +658,7 @@ fn resolve(path: &Path, raw: RunConfig, env: &dyn Fn(&str) -> Option<String>, ur
         output_dir,
         raw,
         stages: Vec::new(),
+        model_key: "backend.model (or --model)".into(),
     })
 }
 
@@ -740,7 +743,19 @@ fn resolve_stages(path: &Path, raw: &RunConfig, list: &[StageConfig], env: &dyn 
             }
             sr.run.concurrency = c;
         }
-        let cfg = resolve(path, sr, env, url_flag).map_err(|e| rename_stage_keys(e, i, st))?;
+        let mut cfg = resolve(path, sr, env, url_flag).map_err(|e| rename_stage_keys(e, i, st))?;
+        // Messages name the stage's own keys.
+        if st.model.is_some() {
+            cfg.model_key = at("model");
+        } else if st.backend.as_ref().is_some_and(|b| b.contains_key("model")) {
+            cfg.model_key = at("backend.model");
+        }
+        if url_flag.is_none() && st.backend.as_ref().is_some_and(|b| ["url", "urls", "endpoints"].iter().any(|k| b.contains_key(*k))) {
+            for e in &mut cfg.endpoints {
+                e.source = at(&e.source);
+            }
+        }
+        cfg.template_origin = cfg.template_origin.replace("prompts.", &at(""));
         if let Some(f) = &st.explode {
             let Some(schema) = &cfg.schema else {
                 return Err(invalid(at("explode"), format!("{f:?} names a field of `parsed`: the stage needs a `schema` (an object with the array `{f}`)")));
@@ -781,7 +796,11 @@ fn check_stage_refs(vars: &[String], names: &[&str], i: usize, own_ok: bool) -> 
     for v in vars {
         if let Some(j) = names.iter().position(|n| n == v) {
             if j > i || (j == i && !own_ok) {
-                let when = if j == i { "the stage's own name (if it is a field of the input, rename the stage)".to_owned() } else { format!("stage {v:?} (stages[{j}]), which comes later") };
+                let when = if j == i {
+                    "the stage's own name (if it is a field of the input, rename the stage)".to_owned()
+                } else {
+                    format!("stage {v:?} (stages[{j}]), which comes later (if `{v}` is a field of the input, rename stages[{j}])")
+                };
                 return Err(format!("uses `{v}`: {when}; a stage reads the input row and the stages before it"));
             }
         }

@@ -28,6 +28,10 @@ pub enum Event {
     /// Multi-stage runs: `requests` more requests of a stage are known (rows reached it), of
     /// which `already_done` were done by earlier runs; totals grow as rows flow and explode.
     StageAdd { stage: usize, requests: u64, already_done: u64 },
+    /// Multi-stage runs: rows in the dataset so far (read back or new), and rows `keep` stopped.
+    StageRows { dataset_rows: u64, dropped: u64 },
+    /// Multi-stage runs: every input row has entered the pipeline (totals now grow only by explodes).
+    InputRead,
     /// An attempt was sent to an endpoint; nothing has come back yet.
     Attempt { job: JobId, endpoint: usize },
     /// The server answered with its headers; the first token has not come yet.
@@ -145,6 +149,11 @@ pub struct ProgressView {
     pub endpoints: Vec<EndpointView>,
     /// Multi-stage runs: one per stage (empty for a one-stage run).
     pub stages: Vec<StageView>,
+    /// Multi-stage runs: dataset rows so far, rows dropped by `keep`, and whether the whole input
+    /// is in (until then the totals grow, and no ETA is given).
+    pub dataset_rows: u64,
+    pub dropped: u64,
+    pub input_read: bool,
     /// Time spent paused (every server down), so rates and the ETA count working time only.
     paused_total: Duration,
     paused_since: Option<Instant>,
@@ -168,6 +177,9 @@ impl ProgressView {
             stopping: None,
             endpoints: Vec::new(),
             stages: Vec::new(),
+            dataset_rows: 0,
+            dropped: 0,
+            input_read: false,
             paused_total: Duration::ZERO,
             paused_since: None,
         }
@@ -203,7 +215,7 @@ impl ProgressView {
 
     /// Multi-stage runs: one line per stage, `answer    12/40 done, 1 failed · 2 in flight · 35.0 tok/s`.
     pub fn stage_lines(&self) -> Vec<String> {
-        let width = self.stages.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
+        let width = self.stages.iter().map(|s| s.name.chars().count()).max().unwrap_or(0).max("dataset".len());
         let secs = self.active_secs();
         self.stages
             .iter()
@@ -218,6 +230,16 @@ impl ProgressView {
                 line.push_str(&format!(" · {flight} in flight · {rate:.1} tok/s"));
                 line
             })
+            .chain((!self.stages.is_empty()).then(|| {
+                let mut line = format!("{:<width$}  {} rows", "dataset", self.dataset_rows);
+                if self.dropped > 0 {
+                    line.push_str(&format!(" ({} dropped by keep)", self.dropped));
+                }
+                if !self.input_read {
+                    line.push_str(" · reading the input");
+                }
+                line
+            }))
             .collect()
     }
 
@@ -248,6 +270,11 @@ impl ProgressView {
                     st.already_done += already_done;
                 }
             }
+            Event::StageRows { dataset_rows, dropped } => {
+                self.dataset_rows = *dataset_rows;
+                self.dropped = *dropped;
+            }
+            Event::InputRead => self.input_read = true,
             Event::Begin { job, label, stage } => {
                 let f = InFlight {
                     stage: *stage,
@@ -404,7 +431,8 @@ impl ProgressView {
     /// request in flight was told to sit out (a server's `Retry-After`). None before the first
     /// row finishes, or while the run is paused.
     pub fn eta(&self) -> Option<Duration> {
-        if self.paused() {
+        // A multi-stage run's total is not known before the whole input is in.
+        if self.paused() || (!self.stages.is_empty() && !self.input_read) {
             return None;
         }
         let now = Instant::now();
@@ -510,10 +538,11 @@ impl ProgressView {
     /// One line for logs and non-terminal output: counts, rates, ETA.
     pub fn summary_line(&self) -> String {
         format!(
-            "{}, {} in flight, {:.2} rows/s, {:.1} tok/s, ETA {}",
+            "{}, {} in flight, {:.2} {}/s, {:.1} tok/s, ETA {}",
             self.counts(true),
             self.in_flight.len(),
             self.rows_per_sec(),
+            if self.stages.is_empty() { "rows" } else { "requests" },
             self.tokens_per_sec(),
             self.eta_text()
         )

@@ -527,3 +527,18 @@ fn torn_stage_files_are_repaired_and_the_csvs_match_the_jsonl() {
     }
     assert_eq!(dataset_gist(&dir).len(), 3);
 }
+
+#[test]
+fn a_missing_stage_model_names_the_stage_key_and_check_reports_every_stage() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_topics(&dir, 2);
+    dir.write("run.toml", three_stages(&fake.url(), JUDGE_TEMPLATE, 2));
+    dir.run(&["--config", "run.toml"], &[]).expect_code(1).expect_stderr("teacher-model").expect_stderr("set stages[0].model");
+    assert!(fake.generations().is_empty());
+    let with_teacher = self::fake(0);
+    dir.write("run.toml", three_stages(&with_teacher.url(), JUDGE_TEMPLATE, 2));
+    let run = dir.run(&["check", "--config", "run.toml"], &[]);
+    run.expect_code(0).expect_stdout("stage 1: questions (model teacher-model, explodes `questions`)").expect_stdout("keeps judge.parsed.score >= 5");
+    assert!(with_teacher.generations().is_empty(), "check asks nothing");
+}

@@ -274,6 +274,23 @@ fn inspect_stages(args: &InspectArgs, names: &[String]) -> anyhow::Result<u8> {
     let failures = Some(dir.join("failures.jsonl")).filter(|f| f.is_file());
     let mut reports = serde_json::Map::new();
     let mut text = format!("multi-stage run: {} ({}); dataset.jsonl: {rows} rows that went through every stage\n", dir.display(), names.join(" -> "));
+    // The last run's own counts, for its config: the stage files also keep records of earlier
+    // configs (a reverted edit finds them again), which the per-stage figures below include.
+    let manifest: serde_json::Value = std::fs::read(dir.join("manifest.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    for st in manifest["stages"].as_array().into_iter().flatten() {
+        let n = |k: &str| st[k].as_u64().unwrap_or(0);
+        text.push_str(&format!(
+            "  last run, {}: {} requests for its config ({} read back, {} asked, {} failed), {} dropped by keep{}\n",
+            st["name"].as_str().unwrap_or("?"),
+            n("requested"),
+            n("already_done"),
+            n("done"),
+            n("failed"),
+            n("dropped"),
+            if n("exploded_into") + n("exploded_empty") > 0 { format!(", exploded into {} rows", n("exploded_into")) } else { String::new() }
+        ));
+    }
+    text.push_str("  (the per-stage figures below count every record in the stage's file, earlier configs' too)\n");
     for name in wanted {
         let src = Source { dataset: data_generator::stages::stage_jsonl(dir, name), csv: false, failures: failures.clone(), stage: Some(name.clone()) };
         let opts = InspectOptions { sample: args.sample.unwrap_or(0), seed: args.seed, id: args.id.clone(), current_keys: None };

@@ -33,6 +33,8 @@ pub struct OllamaClient {
     auth: Option<config::Credentials>,
     api: OllamaApi,
     model: String,
+    /// Where the model is set, for messages.
+    model_key: String,
     keep_alive: Option<Value>,
     think: Option<Value>,
     idle: Duration,
@@ -55,6 +57,7 @@ impl OllamaClient {
             url_source: ep.source.clone(),
             api: b.api,
             model: b.model.clone(),
+            model_key: cfg.model_key.clone(),
             keep_alive: b.keep_alive.clone(),
             think: b.think.clone(),
             idle: Duration::from_secs_f64(cfg.run().idle_timeout_secs),
@@ -121,7 +124,7 @@ impl OllamaClient {
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(ClientError::Check(missing_model_message(&self.model, &self.base, &self.models_near().await)));
+            return Err(ClientError::Check(missing_model_message(&self.model, &self.base, &self.models_near().await, &self.model_key)));
         }
         if !status.is_success() {
             return Err(check_err!("{show} answered HTTP {status} for model {:?}: {}", self.model, error_message(&body)));
@@ -199,15 +202,15 @@ pub const FAKE_HEADER: &str = "x-data-generator-fake";
 
 /// What to say when the model is not on the server: the nearest names it has, and `ollama pull`
 /// only for a name that looks like a real tag rather than a slip of a model that is there.
-fn missing_model_message(model: &str, base: &str, near: &[String]) -> String {
+fn missing_model_message(model: &str, base: &str, near: &[String], key: &str) -> String {
     let mut msg = format!("model {model:?} is not on the Ollama server at {base}");
     let close = near.first().filter(|n| config::edit_distance(&config::strip_latest(n), &config::strip_latest(model)) <= 3);
     if let Some(n) = close {
-        msg.push_str(&format!(": did you mean {n:?}? Set backend.model (or --model) to it"));
+        msg.push_str(&format!(": did you mean {n:?}? Set {key} to it"));
     } else if looks_like_ollama_tag(model) {
-        msg.push_str(&format!(": pull it with `ollama pull {model}`, or set backend.model (or --model) to one the server has"));
+        msg.push_str(&format!(": pull it with `ollama pull {model}`, or set {key} to one the server has"));
     } else {
-        msg.push_str(": set backend.model (or --model) to one the server has");
+        msg.push_str(&format!(": set {key} to one the server has"));
     }
     if near.is_empty() {
         msg.push_str(" (it has none; `ollama list` shows what is pulled)");
@@ -393,11 +396,11 @@ mod tests {
     #[test]
     fn missing_models_name_the_nearest_and_pull_only_real_tags() {
         let near = vec!["llama3.2:3b".to_owned(), "qwen3:8b".to_owned()];
-        let m = missing_model_message("llama3.2:3", "http://h", &near);
+        let m = missing_model_message("llama3.2:3", "http://h", &near, "backend.model (or --model)");
         assert!(m.contains("did you mean \"llama3.2:3b\"") && !m.contains("ollama pull"), "{m}");
-        let m = missing_model_message("mistral:7b", "http://h", &near);
+        let m = missing_model_message("mistral:7b", "http://h", &near, "backend.model (or --model)");
         assert!(m.contains("ollama pull mistral:7b") && m.contains("it has: llama3.2:3b, qwen3:8b"), "{m}");
-        let m = missing_model_message("My Model!", "http://h", &[]);
+        let m = missing_model_message("My Model!", "http://h", &[], "backend.model (or --model)");
         assert!(!m.contains("ollama pull") && m.contains("it has none"), "{m}");
     }
 

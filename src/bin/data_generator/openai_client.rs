@@ -27,6 +27,8 @@ pub struct OpenAiClient {
     base: String,
     basic: Option<config::Credentials>,
     model: String,
+    /// Where the model is set, for messages.
+    model_key: String,
     api_key: Option<String>,
     idle: Duration,
     /// Where the URL came from (`--url`, `backend.url`, ...), for messages.
@@ -50,6 +52,7 @@ impl OpenAiClient {
             base: ep.url.clone(),
             basic: ep.credentials.clone(),
             model: cfg.backend().model.clone(),
+            model_key: cfg.model_key.clone(),
             api_key: cfg.api_key.clone(),
             idle: Duration::from_secs_f64(cfg.run().idle_timeout_secs),
             url_source: ep.source.clone(),
@@ -108,10 +111,11 @@ impl OpenAiClient {
         if !ids.contains(&self.model) {
             let ids = config::nearest_first(&self.model, ids);
             return Err(ClientError::Check(format!(
-                "model {:?} is not served at {} (it serves: {}); set backend.model (or --model) to one of those",
+                "model {:?} is not served at {} (it serves: {}); set {} to one of those",
                 self.model,
                 self.base,
-                if ids.is_empty() { "nothing it lists".to_owned() } else { ids.join(", ") }
+                if ids.is_empty() { "nothing it lists".to_owned() } else { ids.join(", ") },
+                self.model_key
             )));
         }
         if let Some(schema) = &self.schema {

@@ -562,6 +562,14 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A line on stdout; a reader that went away (`| head`) is not an error.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The dry run: everything `run` checks before its first request, and nothing written.
 pub async fn check(cfg: Config) -> anyhow::Result<()> {
     if !cfg.stages.is_empty() {
@@ -573,8 +581,8 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     let prior = resume::scan(&paths, &cfg.raw.output.formats)?;
     let plan = planner.check(&prior, Redo { failed: true, truncated: false })?;
     let samples = cfg.run().samples_per_prompt;
-    println!("config:  {} is valid", cfg.path.display());
-    println!(
+    say!("config:  {} is valid", cfg.path.display());
+    say!(
         "input:   {}: {} rows × {} sample{} = {} requests",
         cfg.input_path.display(),
         plan.rows,
@@ -582,17 +590,17 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         if samples == 1 { "" } else { "s" },
         plan.requests
     );
-    println!("first prompts:");
+    say!("first prompts:");
     for row in planner.rows()?.take(3) {
         let row = row?;
         let prompt = planner.render(&row)?;
-        println!("  ── row {} (line {}) ──", row.id, row.line);
+        say!("  ── row {} (line {}) ──", row.id, row.line);
         for line in prompt.lines() {
-            println!("  │ {line}");
+            say!("  │ {line}");
         }
     }
     check_writable(&paths.dir)?;
-    println!(
+    say!(
         "output:  {}: {} already done, {} to run{}",
         paths.dir.display(),
         plan.already_done,
@@ -600,12 +608,12 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
         if prior.failed.is_empty() { String::new() } else { format!(" ({} failed before: they will be retried)", prior.failed.len()) }
     );
     for note in &prior.repairs {
-        println!("  note: {note}");
+        say!("  note: {note}");
     }
     let clients = clients(&cfg)?;
     for c in &clients {
         let server = c.check().await?;
-        println!(
+        say!(
             "server:  {} at {}{}; model {} is there{}",
             c.kind(),
             c.url(),
@@ -614,7 +622,7 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
             if server.capabilities.is_empty() { String::new() } else { format!(" ({})", server.capabilities.join(", ")) }
         );
     }
-    println!("ready:   the run would make {} requests", plan.to_run);
+    say!("ready:   the run would make {} requests", plan.to_run);
     Ok(())
 }
 
@@ -705,6 +713,9 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         let (r, s) = check_all().await?;
         runners = Some(r);
         server = s;
+        if server.as_ref().is_some_and(|i| i.fake) {
+            eprintln!("note: the test suite's fake server answers: made-up text (manifest: server.fake)");
+        }
     }
     if opts.fresh && lock.is_some() {
         let moved = dataset::move_aside(&paths.dir).with_context(|| format!("--fresh: cannot move {} aside", paths.dir.display()))?;
@@ -729,6 +740,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     let mut reserve = SpaceReserve::create(&paths.dir, 8192.max(2 * serde_json::to_vec_pretty(&m).map(|v| v.len()).unwrap_or(0)));
     m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
 
+    eprintln!("{}: {} input rows through {} into {}", cfg.name(), rows_in, names.join(" -> "), paths.dir.display());
     let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5)));
     progress.send(Event::Started { total: 0, already_done: 0, skipped_failed: 0, endpoints: endpoint_urls });
     progress.send(Event::Stages { names: names.clone() });
@@ -761,6 +773,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     let mut manifest_at = Instant::now();
     let mut outage_clock = tokio::time::interval(Duration::from_millis(500));
     let mut writer_ok = true;
+    let mut rows_changed = false;
 
     // What a stage's record means for its row: the record is written (when new), `keep` and
     // `explode` decide what goes on, and a row past the last stage is a dataset record.
@@ -788,6 +801,10 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                 Ok(adv) => {
                     if adv.kept == Some(false) {
                         counts[s].dropped += 1;
+                        rows_changed = true;
+                        if $new {
+                            tracing::info!(stage = %names[s], id = %rec.id, sample = rec.sample, "dropped by keep");
+                        }
                     }
                     if let Some(k) = adv.exploded {
                         counts[s].exploded_into += k as u64;
@@ -799,6 +816,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                         writer_ok &= writer.send(StageItem::Record(s, rec));
                     }
                     if pipeline.is_last(s) {
+                        rows_changed |= !adv.rows.is_empty();
                         for r in adv.rows {
                             dataset_rows += 1;
                             let fresh = r.fresh;
@@ -915,11 +933,17 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                         fatal = Some(e.into());
                         break 'run;
                     }
-                    None => input_done = true,
+                    None => {
+                        input_done = true;
+                        progress.send(Event::InputRead);
+                    }
                 }
                 continue;
             }
             break;
+        }
+        if std::mem::take(&mut rows_changed) {
+            progress.send(Event::StageRows { dataset_rows, dropped: counts.iter().map(|c| c.dropped).sum() });
         }
         if tasks.is_empty() && (stop_signal.is_some() || !writer_ok || (input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty()))) {
             break;
@@ -1112,8 +1136,8 @@ async fn check_stages(cfg: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(&cfg)?;
     OutputLock::check_free(&paths.dir)?;
     let rows = pipeline.check()?;
-    println!("config:  {} is valid", cfg.path.display());
-    println!("input:   {}: {} rows", cfg.input_path.display(), rows);
+    say!("config:  {} is valid", cfg.path.display());
+    say!("input:   {}: {} rows", cfg.input_path.display(), rows);
     for (i, st) in pipeline.stages.iter().enumerate() {
         let mut how = vec![format!("model {}", st.cfg.backend().model)];
         if st.samples() > 1 {
@@ -1125,21 +1149,21 @@ async fn check_stages(cfg: Config) -> anyhow::Result<()> {
         if let Some(k) = &st.keep {
             how.push(format!("keeps {}", k.source()));
         }
-        println!("stage {}: {} ({})", i + 1, st.name, how.join(", "));
+        say!("stage {}: {} ({})", i + 1, st.name, how.join(", "));
     }
     if let Some(row) = pipeline.rows()?.next() {
         let row = row?;
         let (prompt, _) = pipeline.requests(0, &row)?;
-        println!("first prompt ({}, row {}):", pipeline.stages[0].name, row.id);
+        say!("first prompt ({}, row {}):", pipeline.stages[0].name, row.id);
         for line in prompt.lines() {
-            println!("  │ {line}");
+            say!("  │ {line}");
         }
     }
     check_writable(&paths.dir)?;
     for st in &pipeline.stages {
         for c in &clients(&st.cfg)? {
             let server = c.check().await.with_context(|| format!("stage {:?}", st.name.as_ref()))?;
-            println!(
+            say!(
                 "server:  {} at {}{}; model {} is there (stage {})",
                 c.kind(),
                 c.url(),
@@ -1149,6 +1173,6 @@ async fn check_stages(cfg: Config) -> anyhow::Result<()> {
             );
         }
     }
-    println!("ready:   {rows} input rows; later stages' requests depend on the replies");
+    say!("ready:   {rows} input rows; later stages' requests depend on the replies");
     Ok(())
 }
