@@ -507,8 +507,7 @@ fn torn_stage_files_are_repaired_and_the_csvs_match_the_jsonl() {
             let (header, rows) = read_csv(&dir.join(f));
             assert!(!rows.is_empty() && !header.is_empty());
             // Drop the last record whole.
-            let last_start = text.rfind("\nt").map(|i| i + 1).unwrap_or(text.len());
-            last_start
+            text.rfind("\nt").map(|i| i + 1).unwrap_or(text.len())
         } else {
             bytes.len() - cut
         };
