@@ -36,6 +36,40 @@ pub struct Manifest {
     /// Multi-stage runs: the records of `dataset.jsonl` (rows that went through every stage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset_rows: Option<u64>,
+    /// Set by a run that left nothing to do (every request done, none failed): what its answer
+    /// depended on (see [`fingerprint`]). While it holds, a re-run has nothing to do, and says so
+    /// without reading the input or the dataset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// What a finished one-stage run's "nothing left to do" depends on, hashed: the tool's version,
+/// the config after overrides with its prompt texts and schema, the shard, and the size,
+/// modification time and inode of the input and of every file of the output (a file edited,
+/// replaced, cut or appended to changes it). None when a file cannot be looked at.
+pub fn fingerprint(cfg: &Config, paths: &crate::dataset::OutputPaths) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut parts: Vec<Vec<u8>> = vec![
+        env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
+        serde_json::to_vec(&cfg.raw).ok()?,
+        cfg.template.as_bytes().to_vec(),
+        cfg.system.clone().unwrap_or_default().into_bytes(),
+        cfg.schema.as_ref().map(|s| s.value.to_string()).unwrap_or_default().into_bytes(),
+        format!("{:?} {}", cfg.shard, cfg.input_path.display()).into_bytes(),
+    ];
+    for p in [&cfg.input_path, &paths.jsonl, &paths.csv, &paths.failures] {
+        parts.push(match std::fs::metadata(p) {
+            Ok(m) => format!("{} {} {} {} {}", p.display(), m.len(), m.mtime(), m.mtime_nsec(), m.ino()).into_bytes(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("{} none", p.display()).into_bytes(),
+            Err(_) => return None,
+        });
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    let a = record::fnv1a64(&refs);
+    let mut salted = vec![b"fingerprint".as_slice()];
+    salted.extend(refs);
+    let b = record::fnv1a64(&salted);
+    Some(format!("{a:016x}{b:016x}"))
 }
 
 /// One stage's share of a multi-stage run (the current config's requests).
@@ -160,6 +194,7 @@ impl Manifest {
             runs,
             stages: Vec::new(),
             dataset_rows: None,
+            fingerprint: None,
         }
     }
 
@@ -209,6 +244,11 @@ impl Manifest {
                 unreachable!("an unbounded range always yields")
             }
         }
+    }
+
+    /// The manifest in the folder, when it reads whole.
+    pub fn read(path: &Path) -> Option<Manifest> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
     }
 
     pub fn current_run(&mut self) -> Option<&mut RunEntry> {

@@ -323,3 +323,55 @@ fn fresh_moves_the_old_folder_aside() {
     check_complete(&dir, 2, 1);
     assert_eq!(fake.generations().len(), 4);
 }
+
+#[test]
+fn a_rerun_with_nothing_changed_answers_from_the_manifest_and_any_change_is_seen() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(6);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    let run = |dir: &Dir| {
+        let out = Command::new(BIN).args(["--config", "run.toml", "--progress", "none"]).current_dir(dir.path()).env_remove("OLLAMA_HOST").output().expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&dir);
+    assert_eq!(fake.generations().len(), 6);
+    let fast = "nothing changed since the last run";
+    assert!(run(&dir).contains(fast), "unchanged: answered from the manifest");
+    let m: Value = serde_json::from_str(&dir.read("out/manifest.json")).expect("manifest");
+    assert_eq!(m["runs"].as_array().map(Vec::len), Some(2));
+    assert_eq!((m["counts"]["requests"].as_u64(), m["counts"]["already_done"].as_u64()), (Some(6), Some(6)));
+
+    // A record lost (the dataset cut): seen, and asked again.
+    let text = dir.read("out/dataset.jsonl");
+    let cut = text[..text.len() - 1].rfind('\n').map(|i| i + 1).unwrap_or(0);
+    std::fs::write(dir.join("out/dataset.jsonl"), &text[..cut]).expect("cut");
+    assert!(!run(&dir).contains(fast));
+    assert_eq!(fake.generations().len(), 7);
+    assert!(run(&dir).contains(fast));
+
+    // A row added to the input: run.
+    let mut rows = dir.read("questions.jsonl");
+    rows.push_str("{\"id\": \"r99\", \"question\": \"one more?\"}\n");
+    dir.write("questions.jsonl", rows);
+    assert!(!run(&dir).contains(fast));
+    assert_eq!(fake.generations().len(), 8);
+
+    // The template edited: every row again.
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.prompts = "template_text = \"Question: {{ question }}\"\n".into();
+    dir.write("run.toml", cfg.toml());
+    assert!(!run(&dir).contains(fast));
+    assert_eq!(fake.generations().len(), 15);
+    assert!(run(&dir).contains(fast));
+    check_complete_rows(&dir, 7);
+}
+
+/// The dataset holds `rows` records for the current template (and older ones), byte-exact.
+fn check_complete_rows(dir: &Dir, rows: usize) {
+    let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
+    let current: HashSet<&str> = recs.iter().filter(|r| r["prompt"].as_str().is_some_and(|p| p.starts_with("Question: "))).filter_map(|r| r["id"].as_str()).collect();
+    assert_eq!(current.len(), rows);
+}

@@ -18,7 +18,7 @@ use data_generator::attempt::{JobResult, Reply, Runner, Stage, StageRole};
 use data_generator::backend::{Chunk, ClientError, Message, ModelClient, Request, Role, ServerInfo};
 use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
-use data_generator::manifest::{Manifest, RunEntry, StageCounts};
+use data_generator::manifest::{self, Manifest, RunEntry, StageCounts};
 use data_generator::plan::{Job, Plan, Planner, Redo};
 use data_generator::progress::{self, DisplayMode, Event, Progress};
 use data_generator::record::{self, Record};
@@ -228,6 +228,12 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         );
     }
     let (mut runs, killed_since) = if lock.is_some() && !opts.fresh { prior_runs(&paths)? } else { (Vec::new(), None) };
+    // A re-run of a run that left nothing to do, with nothing changed since: said at once.
+    if lock.is_some() && !opts.fresh && !opts.redo.truncated {
+        if let Some(outcome) = unchanged_since_done(&cfg, &paths, &runs) {
+            return outcome;
+        }
+    }
     let prior = if opts.fresh {
         Prior::default()
     } else {
@@ -260,6 +266,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         if let Some(r) = m.current_run() {
             r.ended_at = Some(record::now_rfc3339());
             r.status = "completed".into();
+        }
+        if plan.skipped_failed == 0 {
+            m.fingerprint = manifest::fingerprint(&cfg, &paths);
         }
         m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
         println!(
@@ -466,6 +475,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         r.status = status.into();
         r.error = error.as_ref().map(error_text);
     }
+    if status == "completed" && m.counts.remaining == 0 && plan.skipped_failed == 0 {
+        m.fingerprint = manifest::fingerprint(&cfg, &paths);
+    }
     // A full disk made room for this with the reserve.
     reserve.release();
     let manifest_result = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()));
@@ -479,6 +491,43 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stop_signal);
     Ok(RunOutcome { failed: failed + plan.skipped_failed, interrupted: stop_signal.is_some() })
+}
+
+/// The answer of a re-run when the folder's last run left nothing to do and nothing it depended
+/// on has changed (the manifest's fingerprint): the run is recorded, nothing else is read.
+fn unchanged_since_done(cfg: &Config, paths: &OutputPaths, runs: &[RunEntry]) -> Option<anyhow::Result<RunOutcome>> {
+    if runs.last().is_none_or(|r| r.status != "completed") {
+        return None;
+    }
+    let mut m = Manifest::read(&paths.manifest)?;
+    let fp = m.fingerprint.clone()?;
+    if manifest::fingerprint(cfg, paths).as_deref() != Some(fp.as_str()) {
+        return None;
+    }
+    let now = record::now_rfc3339();
+    let requests = m.counts.requests;
+    m.runs.push(RunEntry {
+        started_at: now.clone(),
+        ended_at: Some(now),
+        status: "completed".into(),
+        error: None,
+        requests: 0,
+        already_done: requests,
+        done: 0,
+        failed: 0,
+        completion_tokens: 0,
+    });
+    m.counts = manifest::Counts { requests, already_done: requests, ..Default::default() };
+    m.completion_tokens = 0;
+    // The manifest's own write and the log do not touch what the fingerprint covers.
+    if let Err(e) = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display())) {
+        return Some(Err(e));
+    }
+    if start_log(&paths.log).is_ok() {
+        tracing::info!(config = %cfg.path.display(), requests, "nothing to do: nothing changed since the last run, which left nothing to do");
+    }
+    println!("{}: nothing to do: {requests} of {requests} requests already in {} (nothing changed since the last run)", cfg.name(), paths.dir.display());
+    Some(Ok(RunOutcome { failed: 0, interrupted: false }))
 }
 
 /// An error and its causes on one line, each cause said once (an I/O error is often both the
