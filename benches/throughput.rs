@@ -1,6 +1,7 @@
 //! Figures, not pass/fail: `cargo bench` prints how fast the real binary drives a server that
 //! answers instantly (so the client is the bottleneck), how much memory it holds, how fast
-//! `inspect` and `export` stream a large dataset, and what a large batch costs before its first
+//! `inspect` and `export` stream a large dataset, what a multi-stage pipeline keeps of that
+//! speed, and what a large batch costs before its first
 //! request: the input check, a re-run of a finished dataset, a restart after a kill half-way.
 //!
 //!   cargo bench                          # defaults: 2,000 requests, 200,000-record dataset,

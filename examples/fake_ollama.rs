@@ -24,7 +24,13 @@ fn main() {
     }
     let mut opts = fake_ollama::Options { token_delay: Duration::from_millis(delay_ms), ..Default::default() };
     opts.models.extend(models);
-    let fake = fake_ollama::FakeOllama::start_on(&format!("127.0.0.1:{port}"), opts);
+    let addr = format!("127.0.0.1:{port}");
+    // A port in use is the usual mistake: say so, instead of the test helper's panic.
+    if let Err(e) = std::net::TcpListener::bind(&addr) {
+        eprintln!("error: cannot listen on {addr}: {e} (another server there? pick another --port)");
+        std::process::exit(1);
+    }
+    let fake = fake_ollama::FakeOllama::start_on(&addr, opts);
     eprintln!("fake Ollama listening on {} (Ctrl-C to stop)", fake.url());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
