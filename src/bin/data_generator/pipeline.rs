@@ -370,11 +370,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     let writer = Writer::spawn(dataset);
     let (mut done, mut failed, mut tokens) = (0u64, 0u64, 0u64);
     let mut fatal: Option<anyhow::Error> = None;
-    let mut stop_signal: Option<&'static str> = None;
-    let mut aborted = false;
-    let grace = Duration::from_secs_f64(cfg.run().stop_grace_secs);
+    let mut stopping = Stopping::new(Duration::from_secs_f64(cfg.run().stop_grace_secs));
     let outage_limit = Duration::from_secs_f64(cfg.run().outage_wait_secs);
-    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut manifest_at = Instant::now();
     let mut outage_clock = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -410,22 +407,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
             }
             sig = signals.recv() => {
                 let Some(sig) = sig else { continue };
-                if stop_signal.is_none() {
-                    stop_signal = Some(sig);
-                    dispatching.store(false, Ordering::SeqCst);
-                    stop.cancel();
-                    deadline = tokio::time::Instant::now() + grace;
-                    tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
-                    progress.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
-                } else {
-                    tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
-                    aborted = true;
+                if stopping.signal(sig, &stop, &progress) {
                     break;
                 }
+                dispatching.store(false, Ordering::SeqCst);
             }
-            _ = tokio::time::sleep_until(deadline), if stop_signal.is_some() => {
-                tracing::warn!("grace period over: abandoning the requests in flight");
-                aborted = true;
+            _ = tokio::time::sleep_until(stopping.deadline), if stopping.signal.is_some() => {
+                stopping.grace_over();
                 break;
             }
             _ = outage_clock.tick(), if !outage_limit.is_zero() => {
@@ -458,23 +446,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // What is in the files counts, not what came back: after a failed write they differ.
     let (done, failed, tokens) = (written.records, written.failures, written.tokens);
     m.tally(&plan, done, failed, tokens);
-    let error = match (write_result, fatal) {
-        (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
-        (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) => None,
-    };
-    let status = match (&error, stop_signal, aborted, failed) {
-        (Some(_), ..) => "failed",
-        (None, Some(_), true, _) => "aborted",
-        (None, Some(_), false, _) => "interrupted",
-        (None, None, _, 0) => "completed",
-        (None, None, _, _) => "completed_with_failures",
-    };
-    if let Some(r) = m.current_run() {
-        r.ended_at = Some(record::now_rfc3339());
-        r.status = status.into();
-        r.error = error.as_ref().map(error_text);
-    }
+    let (error, status) = stopping.end(&mut m, write_result, fatal, failed);
     if status == "completed" && m.counts.remaining == 0 && plan.skipped_failed == 0 {
         m.fingerprint = manifest::fingerprint(&cfg, &paths);
     }
@@ -489,8 +461,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     }
     manifest_result?;
 
-    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stop_signal);
-    Ok(RunOutcome { failed: failed + plan.skipped_failed, interrupted: stop_signal.is_some() })
+    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stopping.signal);
+    Ok(RunOutcome { failed: failed + plan.skipped_failed, interrupted: stopping.signal.is_some() })
 }
 
 /// The answer of a re-run when the folder's last run left nothing to do and nothing it depended
@@ -528,6 +500,67 @@ fn unchanged_since_done(cfg: &Config, paths: &OutputPaths, runs: &[RunEntry]) ->
     }
     println!("{}: nothing to do: {requests} of {requests} requests already in {} (nothing changed since the last run)", cfg.name(), paths.dir.display());
     Some(Ok(RunOutcome { failed: 0, interrupted: false }))
+}
+
+/// Ctrl-C and SIGTERM during a run: the first stops new requests and lets those in flight finish
+/// for the grace period; a second, or the end of the grace, abandons them.
+struct Stopping {
+    /// The first stop signal.
+    signal: Option<&'static str>,
+    /// Requests in flight were abandoned.
+    aborted: bool,
+    /// The end of the grace period (far away until a signal).
+    deadline: tokio::time::Instant,
+    grace: Duration,
+}
+
+impl Stopping {
+    fn new(grace: Duration) -> Stopping {
+        Stopping { signal: None, aborted: false, deadline: tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600), grace }
+    }
+
+    /// A stop signal; true when the run must end now (the second one).
+    fn signal(&mut self, sig: &'static str, stop: &CancellationToken, progress: &Progress) -> bool {
+        if self.signal.is_some() {
+            tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
+            self.aborted = true;
+            return true;
+        }
+        self.signal = Some(sig);
+        stop.cancel();
+        self.deadline = tokio::time::Instant::now() + self.grace;
+        tracing::warn!(signal = sig, grace_secs = self.grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
+        progress.send(Event::Stopping { signal: sig.into(), deadline: self.deadline.into_std() });
+        false
+    }
+
+    fn grace_over(&mut self) {
+        tracing::warn!("grace period over: abandoning the requests in flight");
+        self.aborted = true;
+    }
+
+    /// The run's error (a write error first: it says what the files hold) and its status, both
+    /// recorded in the manifest's entry of this run.
+    fn end(&self, m: &mut Manifest, write_result: Result<(), dataset::DatasetError>, fatal: Option<anyhow::Error>, failed: u64) -> (Option<anyhow::Error>, &'static str) {
+        let error = match (write_result, fatal) {
+            (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
+            (Ok(()), Some(e)) => Some(e),
+            (Ok(()), None) => None,
+        };
+        let status = match (&error, self.signal, self.aborted, failed) {
+            (Some(_), ..) => "failed",
+            (None, Some(_), true, _) => "aborted",
+            (None, Some(_), false, _) => "interrupted",
+            (None, None, _, 0) => "completed",
+            (None, None, _, _) => "completed_with_failures",
+        };
+        if let Some(r) = m.current_run() {
+            r.ended_at = Some(record::now_rfc3339());
+            r.status = status.into();
+            r.error = error.as_ref().map(error_text);
+        }
+        (error, status)
+    }
 }
 
 /// An error and its causes on one line, each cause said once (an I/O error is often both the
@@ -814,11 +847,10 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     let mut input_done = false;
     let mut seq: u64 = 0;
     let writer = Writer::spawn(files);
-    let (mut fatal, mut stop_signal, mut aborted): (Option<anyhow::Error>, Option<&'static str>, bool) = (None, None, false);
+    let mut fatal: Option<anyhow::Error> = None;
+    let mut stopping = Stopping::new(Duration::from_secs_f64(cfg.run().stop_grace_secs));
     let (mut tokens, mut dataset_rows) = (0u64, 0u64);
-    let grace = Duration::from_secs_f64(cfg.run().stop_grace_secs);
     let outage_limit = Duration::from_secs_f64(cfg.run().outage_wait_secs);
-    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
     let mut manifest_at = Instant::now();
     let mut outage_clock = tokio::time::interval(Duration::from_millis(500));
     let mut writer_ok = true;
@@ -887,7 +919,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         // never makes Ctrl-C wait.
         let mut steps = 0u32;
         let mut more = false;
-        while stop_signal.is_none() && writer_ok {
+        while stopping.signal.is_none() && writer_ok {
             steps += 1;
             if steps > 512 {
                 more = true;
@@ -994,7 +1026,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         if std::mem::take(&mut rows_changed) {
             progress.send(Event::StageRows { dataset_rows, dropped: counts.iter().map(|c| c.dropped).sum() });
         }
-        if tasks.is_empty() && (stop_signal.is_some() || !writer_ok || (input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty()))) {
+        if tasks.is_empty() && (stopping.signal.is_some() || !writer_ok || (input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty()))) {
             break;
         }
         if manifest_at.elapsed() >= Duration::from_secs(10) {
@@ -1028,21 +1060,12 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
             }
             sig = signals.recv() => {
                 let Some(sig) = sig else { continue };
-                if stop_signal.is_none() {
-                    stop_signal = Some(sig);
-                    stop.cancel();
-                    deadline = tokio::time::Instant::now() + grace;
-                    tracing::warn!(signal = sig, grace_secs = grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
-                    progress.send(Event::Stopping { signal: sig.into(), deadline: deadline.into_std() });
-                } else {
-                    tracing::warn!(signal = sig, "second signal: abandoning the requests in flight");
-                    aborted = true;
+                if stopping.signal(sig, &stop, &progress) {
                     break;
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if stop_signal.is_some() => {
-                tracing::warn!("grace period over: abandoning the requests in flight");
-                aborted = true;
+            _ = tokio::time::sleep_until(stopping.deadline), if stopping.signal.is_some() => {
+                stopping.grace_over();
                 break;
             }
             _ = outage_clock.tick(), if !outage_limit.is_zero() && runners.is_some() => {
@@ -1063,7 +1086,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         r.stop_probers();
     }
     // The whole input went through: the dataset is rebuilt; else the live one stays as it is.
-    let complete = fatal.is_none() && stop_signal.is_none() && input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty());
+    let complete = fatal.is_none() && stopping.signal.is_none() && input_done && waiting.iter().all(|w| w.is_empty()) && ready.iter().all(|r| r.is_empty());
     writer.send(StageItem::Commit(complete && writer_ok));
     let (written, write_result) = writer.finish();
     progress.send(Event::End);
@@ -1073,23 +1096,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
 
     tally_stages(&mut m, &counts, written.tokens, written.rows);
     let failed: u64 = counts.iter().map(|c| c.failed).sum();
-    let error = match (write_result, fatal) {
-        (Err(e), _) => Some(anyhow::Error::from(e).context("stopped: the dataset cannot be written; everything written before is intact")),
-        (Ok(()), Some(e)) => Some(e),
-        (Ok(()), None) => None,
-    };
-    let status = match (&error, stop_signal, aborted, failed) {
-        (Some(_), ..) => "failed",
-        (None, Some(_), true, _) => "aborted",
-        (None, Some(_), false, _) => "interrupted",
-        (None, None, _, 0) => "completed",
-        (None, None, _, _) => "completed_with_failures",
-    };
-    if let Some(r) = m.current_run() {
-        r.ended_at = Some(record::now_rfc3339());
-        r.status = status.into();
-        r.error = error.as_ref().map(error_text);
-    }
+    let (error, status) = stopping.end(&mut m, write_result, fatal, failed);
     reserve.release();
     let manifest_result = m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()));
     tracing::info!(done = written.records, failed, rows = written.rows, status, "run finished");
@@ -1099,9 +1106,9 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         return Err(e);
     }
     manifest_result?;
-    print_stage_summary(&cfg, &paths, &m, view.as_ref(), stop_signal);
+    print_stage_summary(&cfg, &paths, &m, view.as_ref(), stopping.signal);
     let skipped: u64 = counts.iter().map(|c| c.skipped_failed).sum();
-    Ok(RunOutcome { failed: failed + skipped, interrupted: stop_signal.is_some() })
+    Ok(RunOutcome { failed: failed + skipped, interrupted: stopping.signal.is_some() })
 }
 
 /// A stage's request: its messages and schema (what [`get_student_response`] sends).
