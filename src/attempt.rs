@@ -304,7 +304,9 @@ impl Runner {
             Some(stage) => format!("{stage} {}", job.label(samples).trim_start_matches("row ")),
             None => job.label(samples),
         };
-        self.progress.send(Event::Begin { job: job.seq, label: label.clone(), stage: self.role.index });
+        // The prompt only for a live view in the browser (which shows it); the terminal does not.
+        let prompt = self.progress.prompts.then(|| job.prompt.clone());
+        self.progress.send(Event::Begin { job: job.seq, label: label.clone(), stage: self.role.index, prompt });
         let max_retries = self.cfg.run().max_retries;
         // Attempts sent, and the failed ones that spent a retry (server-down waits do not).
         let (mut attempts, mut spent) = (0u32, 0u32);

@@ -10,6 +10,7 @@ pub mod endpoints;
 pub mod export;
 pub mod framing;
 pub mod input;
+pub mod live;
 pub mod inspect;
 pub mod manifest;
 pub mod merge;

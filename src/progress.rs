@@ -22,7 +22,7 @@ pub enum Event {
     /// runs, how many earlier failures are skipped, and the servers.
     Started { total: u64, already_done: u64, skipped_failed: u64, endpoints: Vec<String> },
     /// A request was taken up: it waits for a free slot on a server.
-    Begin { job: JobId, label: String, stage: usize },
+    Begin { job: JobId, label: String, stage: usize, prompt: Option<String> },
     /// Multi-stage runs: the stages, named, before any other stage event.
     Stages { names: Vec<String> },
     /// Multi-stage runs: `requests` more requests of a stage are known (rows reached it), of
@@ -275,7 +275,7 @@ impl ProgressView {
                 self.dropped = *dropped;
             }
             Event::InputRead => self.input_read = true,
-            Event::Begin { job, label, stage } => {
+            Event::Begin { job, label, stage, .. } => {
                 let f = InFlight {
                     stage: *stage,
                     label: label.clone(),
@@ -762,6 +762,8 @@ pub struct Progress {
     pub tx: tokio::sync::mpsc::UnboundedSender<Event>,
     /// Whether a live display shows text: only then are `Event::Token`s made.
     pub tokens: bool,
+    /// Whether a live view in the browser shows prompts (carried by `Event::Begin`).
+    pub prompts: bool,
 }
 
 impl Progress {
@@ -799,8 +801,11 @@ impl DisplayMode {
 }
 
 /// Consumes events until [`Event::End`] (or the channel closes); returns the final view.
-pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMode, plain_every: Duration) -> ProgressView {
+/// With a live `hub` (`--serve`), every event feeds it too, and it publishes ten times a second.
+pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMode, plain_every: Duration, hub: Option<std::sync::Arc<crate::live::LiveHub>>) -> ProgressView {
     let mut view = ProgressView::new();
+    let mut live_clock = tokio::time::interval(Duration::from_millis(100));
+    live_clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut screen = (mode == DisplayMode::Bars).then(Screen::new);
     let tick = match mode {
         DisplayMode::Bars => Duration::from_millis(1000 / REDRAW_HZ),
@@ -815,6 +820,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                 None | Some(Event::End) => break,
                 Some(ev) => {
                     view.apply(&ev);
+                    if let Some(h) = &hub {
+                        h.apply(&ev, &view);
+                    }
                     if let Some(line) = notice(&ev, &view) {
                         match &mut screen {
                             Some(s) => s.print_above(&line, &view),
@@ -824,6 +832,11 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
                     }
                 }
             },
+            _ = live_clock.tick(), if hub.is_some() => {
+                if let Some(h) = &hub {
+                    h.flush(&view);
+                }
+            }
             _ = clock.tick() => match &mut screen {
                 Some(s) => s.draw(&view),
                 None if mode == DisplayMode::Plain && view.total > 0 => {
@@ -844,6 +857,9 @@ pub async fn run_display(mut rx: mpsc::UnboundedReceiver<Event>, mode: DisplayMo
     }
     if let Some(s) = screen {
         s.clear();
+    }
+    if let Some(h) = &hub {
+        h.flush(&view);
     }
     let _ = std::io::stderr().flush();
     view
@@ -955,7 +971,7 @@ mod tests {
     #[test]
     fn view_follows_events() {
         let mut v = started(3, 0, 2);
-        v.apply(&Event::Begin { job: 1, label: "row 1".into(), stage: 0 });
+        v.apply(&Event::Begin { job: 1, label: "row 1".into(), stage: 0, prompt: None });
         assert_eq!(v.in_flight[&1].phase, Phase::Queued);
         v.apply(&Event::Attempt { job: 1, endpoint: 1 });
         assert_eq!(v.in_flight[&1].phase, Phase::Sent);
@@ -979,10 +995,10 @@ mod tests {
     fn counts_cover_the_whole_batch_and_keep_failures_beside() {
         let mut v = started(1000, 480, 1);
         for job in 0..33 {
-            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0 });
+            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0, prompt: None });
             v.apply(&Event::Done { job, completion_tokens: 1 });
         }
-        v.apply(&Event::Begin { job: 99, label: "row 99".into(), stage: 0 });
+        v.apply(&Event::Begin { job: 99, label: "row 99".into(), stage: 0, prompt: None });
         v.apply(&Event::Failed { job: 99, label: "row 99".into(), error: "x".into() });
         assert_eq!(v.counts(true), "513/1000 done (480 from earlier runs), 1 failed");
         assert!(v.summary_line().starts_with("513/1000 done (480 from earlier runs), 1 failed, 0 in flight"));
@@ -993,7 +1009,7 @@ mod tests {
     fn frames_fit_the_screen_and_keep_the_eta() {
         let mut v = started(40, 0, 1);
         for job in 0..30 {
-            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0 });
+            v.apply(&Event::Begin { job, label: format!("row {job}"), stage: 0, prompt: None });
             v.apply(&Event::Attempt { job, endpoint: 0 });
         }
         for job in 0..5 {

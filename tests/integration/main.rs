@@ -7,6 +7,7 @@ mod util;
 mod errors;
 mod faults;
 mod inspect;
+mod live;
 mod memory;
 mod overnight;
 mod pipeline;

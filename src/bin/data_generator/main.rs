@@ -97,6 +97,13 @@ struct RunArgs {
     /// Start over: move the output folder aside to <dir>.old-N first (nothing is deleted).
     #[arg(long)]
     fresh: bool,
+    /// Serve a live view of the run in the browser at ADDR (default 127.0.0.1:8765; port 0 picks
+    /// a free one). Any address but loopback needs a token: one is made (or give --serve-token).
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8765")]
+    serve: Option<String>,
+    /// The live view's token (default: made at random when the address is not loopback).
+    #[arg(long, value_name = "TOKEN", env = "DATA_GENERATOR_SERVE_TOKEN", hide_env_values = true)]
+    serve_token: Option<String>,
     /// Do not retry the requests that failed in earlier runs (in failures.jsonl).
     #[arg(long)]
     no_retry_failed: bool,
@@ -216,6 +223,7 @@ fn run(args: RunArgs) -> anyhow::Result<u8> {
         display: args.progress,
         redo: data_generator::plan::Redo { failed: !args.no_retry_failed, truncated: args.redo_truncated },
         fresh: args.fresh,
+        serve: args.serve.map(|addr| data_generator::live::ServeOptions { addr, token: args.serve_token.clone() }),
     };
     let outcome = runtime()?.block_on(pipeline::run(cfg, opts))?;
     Ok(if outcome.interrupted {

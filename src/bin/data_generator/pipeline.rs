@@ -18,6 +18,7 @@ use data_generator::attempt::{JobResult, Reply, Runner, Stage, StageRole};
 use data_generator::backend::{Chunk, ClientError, Message, ModelClient, Request, Role, ServerInfo};
 use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
+use data_generator::live::{self, LiveHub};
 use data_generator::manifest::{self, Manifest, RunEntry, StageCounts};
 use data_generator::plan::{Job, Plan, Planner, Redo};
 use data_generator::progress::{self, DisplayMode, Event, Progress};
@@ -50,6 +51,8 @@ pub struct RunOptions {
     pub redo: Redo,
     /// Start over: the old folder is moved aside (once the checks pass) and nothing in it counts.
     pub fresh: bool,
+    /// `--serve`: a live view in the browser.
+    pub serve: Option<live::ServeOptions>,
 }
 
 /// The one stage of today's runs: a row's prompt, sent with the run's system prompt and schema.
@@ -284,6 +287,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     // The server and model, before anything is created in the folder.
     check_writable(&paths.dir)?;
+    let (hub, live_server) = start_live(&opts, cfg.name()).await?;
     let clients = clients(&cfg)?;
     let (down, server) = check_endpoints(&clients).await?;
     if opts.fresh && lock.is_some() {
@@ -300,6 +304,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     }
     let dataset = Dataset::open(&paths, &cfg.raw.output.formats, cfg.schema.is_some())?;
     start_log(&paths.log)?;
+    if let Some(sv) = &live_server {
+        tracing::info!(url = %sv.url, "live view");
+    }
     tracing::info!(config = %cfg.path.display(), urls = %cfg.urls(), model = %cfg.backend().model, rows = plan.rows,
         requests = plan.requests, to_run = plan.to_run, already_done = plan.already_done, "run starting");
     for (c, d) in clients.iter().zip(&down) {
@@ -326,8 +333,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let mode = opts.display.resolve();
-    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5)));
-    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() };
+    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5), hub.clone()));
+    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() || hub.is_some(), prompts: hub.is_some() };
     let endpoint_urls = cfg.endpoints.iter().map(|e| e.url.clone()).collect();
     progress.send(Event::Started { total: plan.requests, already_done: plan.already_done, skipped_failed: plan.skipped_failed, endpoints: endpoint_urls });
     let mut signals = stop_signals()?;
@@ -457,12 +464,21 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     drop(lock);
     if let Some(e) = error {
         tracing::error!(error = %error_text(&e), "run stopped");
+        if let Some(h) = &hub {
+            h.end(view.as_ref(), status, 1, vec![format!("Error: {}", error_text(&e))]);
+            tokio::time::sleep(LIVE_LAST_WORD).await;
+        }
         return Err(e);
     }
     manifest_result?;
 
-    print_summary(&cfg, &paths, &m, &plan, view.as_ref(), stopping.signal);
-    Ok(RunOutcome { failed: failed + plan.skipped_failed, interrupted: stopping.signal.is_some() })
+    let summary = summary_lines(&cfg, &paths, &m, &plan, view.as_ref(), stopping.signal);
+    for line in &summary {
+        println!("{line}");
+    }
+    let outcome = RunOutcome { failed: failed + plan.skipped_failed, interrupted: stopping.signal.is_some() };
+    end_live(hub.as_deref(), view.as_ref(), status, &outcome, summary).await;
+    Ok(outcome)
 }
 
 /// The answer of a re-run when the folder's last run left nothing to do and nothing it depended
@@ -563,6 +579,34 @@ impl Stopping {
     }
 }
 
+/// How long the process stays after the run's end, so that open pages get its last word.
+const LIVE_LAST_WORD: Duration = Duration::from_millis(500);
+
+/// `--serve`: the live view's hub and its server, bound before any request (an address that
+/// cannot be bound is an error that names it). The URL goes to stderr (with its token, if any:
+/// the only place the token is shown); the log gets it without.
+async fn start_live(opts: &RunOptions, name: &str) -> anyhow::Result<(Option<Arc<LiveHub>>, Option<live::Server>)> {
+    let Some(s) = &opts.serve else { return Ok((None, None)) };
+    let hub = LiveHub::new(name);
+    let server = live::serve(s, hub.clone()).await?;
+    eprintln!("live view: {}", server.url_with_token);
+    Ok((Some(hub), Some(server)))
+}
+
+/// The live view's last word: the run's status, exit code and summary.
+async fn end_live(hub: Option<&LiveHub>, view: Option<&progress::ProgressView>, status: &str, outcome: &RunOutcome, summary: Vec<String>) {
+    let Some(h) = hub else { return };
+    let code = if outcome.interrupted {
+        130
+    } else if outcome.failed > 0 {
+        3
+    } else {
+        0
+    };
+    h.end(view, status, code, summary);
+    tokio::time::sleep(LIVE_LAST_WORD).await;
+}
+
 /// An error and its causes on one line, each cause said once (an I/O error is often both the
 /// message's tail and its source).
 pub fn error_text(e: &anyhow::Error) -> String {
@@ -580,46 +624,48 @@ pub fn error_text(e: &anyhow::Error) -> String {
     s
 }
 
-fn print_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, view: Option<&progress::ProgressView>, stop: Option<&str>) {
+fn summary_lines(cfg: &Config, paths: &OutputPaths, m: &Manifest, plan: &Plan, view: Option<&progress::ProgressView>, stop: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
     let elapsed = view.map(|v| v.started.elapsed()).unwrap_or_default();
     let secs = elapsed.as_secs_f64();
     let rate = if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 };
     let c = &m.counts;
     if let Some(sig) = stop {
-        println!(
+        out.push(format!(
             "{}: interrupted by {sig}: {} done, {} failed, {} not run; re-run the same command to continue",
             cfg.name(),
             c.done,
             c.failed,
             c.remaining
-        );
+        ));
     } else {
-        println!("{}: {} of {} requests done, {} failed, in {}", cfg.name(), c.done, plan.to_run, c.failed, progress::format_duration(elapsed));
+        out.push(format!("{}: {} of {} requests done, {} failed, in {}", cfg.name(), c.done, plan.to_run, c.failed, progress::format_duration(elapsed)));
     }
-    println!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, rate);
+    out.push(format!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, rate));
     for line in view.map(|v| v.endpoint_lines()).unwrap_or_default() {
-        println!("  server:   {line}");
+        out.push(format!("  server:   {line}"));
     }
     if c.already_done > 0 || c.skipped_failed > 0 {
-        println!(
+        out.push(format!(
             "  resumed:  {} of {} requests were already done{}",
             c.already_done,
             c.requests,
             if c.skipped_failed > 0 { format!(", {} failed before and skipped", c.skipped_failed) } else { String::new() }
-        );
+        ));
     }
     for f in &cfg.raw.output.formats {
         let p = match f {
             config::OutputFormat::Jsonl => &paths.jsonl,
             config::OutputFormat::Csv => &paths.csv,
         };
-        println!("  dataset:  {}", p.display());
+        out.push(format!("  dataset:  {}", p.display()));
     }
     if c.failed > 0 {
-        println!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed);
+        out.push(format!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed));
     }
-    println!("  manifest: {}", paths.manifest.display());
-    println!("  log:      {}", paths.log.display());
+    out.push(format!("  manifest: {}", paths.manifest.display()));
+    out.push(format!("  log:      {}", paths.log.display()));
+    out
 }
 
 /// Whether files can be created in `dir` (or, if it does not exist yet, in the folder that
@@ -755,6 +801,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
         eprintln!("repaired: {note}");
     }
     check_writable(&paths.dir)?;
+    let (hub, live_server) = start_live(&opts, cfg.name()).await?;
 
     // Every stage's servers, checked before the first request: at once when the folder is new
     // (nothing is created before they answer), else when the first request is due.
@@ -766,7 +813,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     }
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();
     let mode = opts.display.resolve();
-    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() };
+    let progress = Progress { tx: ev_tx.clone(), tokens: mode.wants_tokens() || hub.is_some(), prompts: hub.is_some() };
     let stop = CancellationToken::new();
     let check_all = || {
         let pipeline = pipeline.clone();
@@ -812,6 +859,9 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     }
     let files = StageFiles::open(&paths.dir, &schemas, &cfg.raw.output.formats)?;
     start_log(&paths.log)?;
+    if let Some(sv) = &live_server {
+        tracing::info!(url = %sv.url, "live view");
+    }
     tracing::info!(config = %cfg.path.display(), stages = %names.join(" -> "), rows = rows_in, "run starting");
     for note in &prior.repairs {
         tracing::warn!("{note}");
@@ -823,7 +873,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
 
     eprintln!("{}: {} input rows through {} into {}", cfg.name(), rows_in, names.join(" -> "), paths.dir.display());
-    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5)));
+    let display = tokio::spawn(progress::run_display(ev_rx, mode, Duration::from_secs(5), hub.clone()));
     progress.send(Event::Started { total: 0, already_done: 0, skipped_failed: 0, endpoints: endpoint_urls });
     progress.send(Event::Stages { names: names.clone() });
     let mut signals = stop_signals()?;
@@ -1103,12 +1153,21 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     drop(lock);
     if let Some(e) = error {
         tracing::error!(error = %error_text(&e), "run stopped");
+        if let Some(h) = &hub {
+            h.end(view.as_ref(), status, 1, vec![format!("Error: {}", error_text(&e))]);
+            tokio::time::sleep(LIVE_LAST_WORD).await;
+        }
         return Err(e);
     }
     manifest_result?;
-    print_stage_summary(&cfg, &paths, &m, view.as_ref(), stopping.signal);
+    let summary = stage_summary_lines(&cfg, &paths, &m, view.as_ref(), stopping.signal);
+    for line in &summary {
+        println!("{line}");
+    }
     let skipped: u64 = counts.iter().map(|c| c.skipped_failed).sum();
-    Ok(RunOutcome { failed: failed + skipped, interrupted: stopping.signal.is_some() })
+    let outcome = RunOutcome { failed: failed + skipped, interrupted: stopping.signal.is_some() };
+    end_live(hub.as_deref(), view.as_ref(), status, &outcome, summary).await;
+    Ok(outcome)
 }
 
 /// A stage's request: its messages and schema (what [`get_student_response`] sends).
@@ -1147,16 +1206,17 @@ fn tally_stages(m: &mut Manifest, counts: &[StageCounts], tokens: u64, rows: u64
     }
 }
 
-fn print_stage_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, view: Option<&progress::ProgressView>, stop: Option<&str>) {
+fn stage_summary_lines(cfg: &Config, paths: &OutputPaths, m: &Manifest, view: Option<&progress::ProgressView>, stop: Option<&str>) -> Vec<String> {
+    let mut out = Vec::new();
     let elapsed = view.map(|v| v.started.elapsed()).unwrap_or_default();
     let c = &m.counts;
     if let Some(sig) = stop {
-        println!("{}: interrupted by {sig}: {} requests done, {} failed; re-run the same command to continue", cfg.name(), c.done, c.failed);
+        out.push(format!("{}: interrupted by {sig}: {} requests done, {} failed; re-run the same command to continue", cfg.name(), c.done, c.failed));
     } else {
-        println!("{}: {} dataset rows; {} requests done, {} failed, {} already done, in {}", cfg.name(), m.dataset_rows.unwrap_or(0), c.done, c.failed, c.already_done, progress::format_duration(elapsed));
+        out.push(format!("{}: {} dataset rows; {} requests done, {} failed, {} already done, in {}", cfg.name(), m.dataset_rows.unwrap_or(0), c.done, c.failed, c.already_done, progress::format_duration(elapsed)));
     }
     let secs = elapsed.as_secs_f64();
-    println!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 });
+    out.push(format!("  tokens:   {} generated, {:.1} tok/s", m.completion_tokens, if secs > 0.0 { m.completion_tokens as f64 / secs } else { 0.0 }));
     for s in &m.stages {
         let mut line = format!("  stage:    {} ({}): {} requests, {} done, {} already done", s.name, s.model, s.requested, s.done, s.already_done);
         if s.failed > 0 {
@@ -1168,21 +1228,22 @@ fn print_stage_summary(cfg: &Config, paths: &OutputPaths, m: &Manifest, view: Op
         if s.exploded_into > 0 || s.exploded_empty > 0 {
             line.push_str(&format!(", exploded into {} rows", s.exploded_into));
         }
-        println!("{line}");
+        out.push(format!("{line}"));
     }
     for f in &cfg.raw.output.formats {
         let p = match f {
             config::OutputFormat::Jsonl => &paths.jsonl,
             config::OutputFormat::Csv => &paths.csv,
         };
-        println!("  dataset:  {}", p.display());
+        out.push(format!("  dataset:  {}", p.display()));
     }
-    println!("  stages:   {}", paths.dir.join("stages").display());
+    out.push(format!("  stages:   {}", paths.dir.join("stages").display()));
     if c.failed > 0 {
-        println!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed);
+        out.push(format!("  failures: {} ({} this run; re-run to retry them)", paths.failures.display(), c.failed));
     }
-    println!("  manifest: {}", paths.manifest.display());
-    println!("  log:      {}", paths.log.display());
+    out.push(format!("  manifest: {}", paths.manifest.display()));
+    out.push(format!("  log:      {}", paths.log.display()));
+    out
 }
 
 /// The dry run of a multi-stage config: the input, every stage's first prompt that can be

@@ -1,0 +1,445 @@
+//! The live view in the browser (`--serve`): the progress events that drive the terminal display
+//! also feed a [`LiveHub`], which keeps what a page shows (counts, the requests in flight with
+//! their whole text so far, the last finished rows, failures, a tokens/s series) and publishes
+//! it as batches of changes at most ten times a second. A page gets a snapshot when it connects,
+//! then the batches over Server-Sent Events. Batches go through a bounded broadcast channel: a
+//! slow or stalled page never slows the run or grows memory; one that falls behind gets a fresh
+//! snapshot instead of the backlog.
+//!
+//! The server ([`serve`]) has fixed routes only, is read-only, sends a Content-Security-Policy
+//! that allows scripts from itself alone, and asks for a token on every request when one is set
+//! (any bind address but loopback). The page builds its DOM with `textContent`: model text is
+//! data, never markup.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::progress::{format_duration, Event, JobId, Phase, ProgressView};
+
+/// Finished rows and failures a page can list.
+const KEEP_FINISHED: usize = 50;
+const KEEP_FAILURES: usize = 50;
+/// Points of the tokens/s chart (one a second; older ones are thinned out).
+const MAX_RATE_POINTS: usize = 600;
+/// Batches a page may fall behind before it gets a fresh snapshot instead.
+const BACKLOG: usize = 64;
+
+/// A request in flight, as a page shows it.
+#[derive(Debug, Clone, Serialize)]
+struct LiveJob {
+    label: String,
+    stage: usize,
+    phase: String,
+    attempt: u32,
+    prompt: Option<String>,
+    text: String,
+    thinking: String,
+}
+
+/// A finished request (or a failed one), for the lists.
+#[derive(Debug, Clone, Serialize)]
+struct LiveRow {
+    label: String,
+    prompt: Option<String>,
+    response: String,
+    thinking: String,
+    tokens: u64,
+    at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LiveFailure {
+    label: String,
+    error: String,
+    at: String,
+}
+
+/// Text appended to a request in flight since the last batch.
+#[derive(Debug, Default, Clone, Serialize)]
+struct Append {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    text: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    thinking: String,
+}
+
+#[derive(Default)]
+struct State {
+    seq: u64,
+    jobs: BTreeMap<JobId, LiveJob>,
+    finished: VecDeque<LiveRow>,
+    failures: VecDeque<LiveFailure>,
+    rates: Vec<(f64, f64)>,
+    status: Value,
+    ended: Option<Value>,
+    // Changes since the last batch.
+    started: Vec<JobId>,
+    appended: BTreeMap<JobId, Append>,
+    phases: BTreeMap<JobId, (String, u32)>,
+    gone: Vec<JobId>,
+    new_finished: Vec<LiveRow>,
+    new_failures: Vec<LiveFailure>,
+    new_rates: Vec<(f64, f64)>,
+    dirty: bool,
+}
+
+/// What pages are fed from. Cheap to share; all its work is done by the display task.
+pub struct LiveHub {
+    state: Mutex<State>,
+    tx: broadcast::Sender<(u64, Arc<str>)>,
+    name: String,
+    started: Instant,
+    last_rate: Mutex<Instant>,
+}
+
+fn phase_text(p: &Phase) -> String {
+    match p {
+        Phase::Queued => "waiting for a slot".into(),
+        Phase::Sent => "sent".into(),
+        Phase::PromptEval => "reading the prompt".into(),
+        Phase::Streaming => "streaming".into(),
+        Phase::RetryWait { attempt, of, error, .. } => format!("retry {attempt}/{of} after: {error}"),
+        Phase::ServerDown => "waiting for the server".into(),
+        Phase::ReAsk { n, of, error } => format!("re-ask {n}/{of}: {error}"),
+    }
+}
+
+fn now() -> String {
+    crate::record::now_rfc3339()
+}
+
+impl LiveHub {
+    pub fn new(name: &str) -> Arc<LiveHub> {
+        let (tx, _) = broadcast::channel(BACKLOG);
+        Arc::new(LiveHub {
+            state: Mutex::new(State::default()),
+            tx,
+            name: name.to_owned(),
+            started: Instant::now(),
+            last_rate: Mutex::new(Instant::now()),
+        })
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut st)
+    }
+
+    /// One progress event (after `view` applied it).
+    pub fn apply(&self, ev: &Event, view: &ProgressView) {
+        self.with(|st| {
+            let phase_of = |job: JobId| view.in_flight.get(&job).map(|f| (phase_text(&f.phase), f.attempt));
+            match ev {
+                Event::Begin { job, label, stage, prompt } => {
+                    st.jobs.insert(*job, LiveJob { label: label.clone(), stage: *stage, phase: phase_text(&Phase::Queued), attempt: 1, prompt: prompt.clone(), text: String::new(), thinking: String::new() });
+                    st.started.push(*job);
+                }
+                Event::Token { job, text, thinking } => {
+                    if let Some(j) = st.jobs.get_mut(job) {
+                        let a = st.appended.entry(*job).or_default();
+                        if *thinking {
+                            j.thinking.push_str(text);
+                            a.thinking.push_str(text);
+                        } else {
+                            j.text.push_str(text);
+                            a.text.push_str(text);
+                        }
+                        if j.phase != "streaming" {
+                            j.phase = "streaming".into();
+                            st.phases.insert(*job, ("streaming".into(), j.attempt));
+                        }
+                    }
+                }
+                Event::Attempt { job, .. } | Event::Retry { job, .. } | Event::ReAsk { job, .. } | Event::ServerWait { job } | Event::Responding { job } => {
+                    if let (Some(j), Some((phase, attempt))) = (st.jobs.get_mut(job), phase_of(*job)) {
+                        if matches!(ev, Event::Attempt { .. } | Event::Retry { .. } | Event::ReAsk { .. } | Event::ServerWait { .. }) {
+                            // A new attempt starts its text afresh.
+                            j.text.clear();
+                            j.thinking.clear();
+                            st.appended.remove(job);
+                        }
+                        j.phase = phase.clone();
+                        j.attempt = attempt;
+                        st.phases.insert(*job, (phase, attempt));
+                    }
+                }
+                Event::Done { job, completion_tokens } => {
+                    if let Some(j) = st.jobs.remove(job) {
+                        let row = LiveRow { label: j.label, prompt: j.prompt, response: j.text, thinking: j.thinking, tokens: *completion_tokens, at: now() };
+                        st.finished.push_back(row.clone());
+                        if st.finished.len() > KEEP_FINISHED {
+                            st.finished.pop_front();
+                        }
+                        st.new_finished.push(row);
+                        st.gone.push(*job);
+                    }
+                }
+                Event::Failed { job, label, error } => {
+                    st.jobs.remove(job);
+                    let f = LiveFailure { label: label.clone(), error: error.clone(), at: now() };
+                    st.failures.push_back(f.clone());
+                    if st.failures.len() > KEEP_FAILURES {
+                        st.failures.pop_front();
+                    }
+                    st.new_failures.push(f);
+                    st.gone.push(*job);
+                }
+                Event::Abandoned { job } => {
+                    st.jobs.remove(job);
+                    st.gone.push(*job);
+                }
+                _ => {}
+            }
+            st.dirty = true;
+        });
+    }
+
+    /// The run's figures as a page shows them.
+    fn status(&self, view: &ProgressView) -> Value {
+        let failed = view.failed + view.skipped_failed;
+        json!({
+            "name": self.name,
+            "elapsed": format_duration(view.started.elapsed()),
+            "done": view.done_total(),
+            "total": view.total,
+            "already_done": view.already_done,
+            "failed": failed,
+            "in_flight": view.in_flight.len(),
+            "tokens_per_sec": (view.tokens_per_sec() * 10.0).round() / 10.0,
+            "eta": view.eta().map(format_duration),
+            "paused": view.paused(),
+            "stages": view.stage_lines(),
+            "servers": view.endpoint_lines(),
+            "alerts": view.stopping_line().into_iter().chain(view.outage_lines()).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Publishes what changed since the last call (called ten times a second by the display).
+    pub fn flush(&self, view: &ProgressView) {
+        let rate_due = {
+            let mut last = self.last_rate.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.elapsed() >= Duration::from_secs(1);
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        let status = self.status(view);
+        let batch = self.with(|st| {
+            if rate_due {
+                let point = ((self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0, (view.tokens_per_sec() * 10.0).round() / 10.0);
+                st.rates.push(point);
+                if st.rates.len() > MAX_RATE_POINTS {
+                    // Thin out the older half: every other point.
+                    let half = st.rates.len() / 2;
+                    let older: Vec<(f64, f64)> = st.rates[..half].iter().step_by(2).copied().collect();
+                    st.rates.splice(..half, older);
+                }
+                st.new_rates.push(point);
+                st.dirty = true;
+            }
+            let status_changed = st.status != status;
+            if !st.dirty && !status_changed {
+                return None;
+            }
+            st.status = status.clone();
+            st.seq += 1;
+            // A job new in this batch comes whole: what it streamed so far is in it, not appended.
+            let new_ids: Vec<JobId> = st.started.drain(..).collect();
+            let started: Vec<Value> = new_ids.iter().filter_map(|id| st.jobs.get(id).map(|j| json!({"id": id, "job": j}))).collect();
+            for id in &new_ids {
+                st.appended.remove(id);
+            }
+            let appended: BTreeMap<String, Append> = std::mem::take(&mut st.appended).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let phases: BTreeMap<String, Value> = std::mem::take(&mut st.phases).into_iter().map(|(k, (p, a))| (k.to_string(), json!({"phase": p, "attempt": a}))).collect();
+            let batch = json!({
+                "seq": st.seq,
+                "status": status,
+                "started": started,
+                "appended": appended,
+                "phases": phases,
+                "gone": std::mem::take(&mut st.gone),
+                "finished": std::mem::take(&mut st.new_finished),
+                "failures": std::mem::take(&mut st.new_failures),
+                "rates": std::mem::take(&mut st.new_rates),
+                "ended": st.ended,
+            });
+            st.dirty = false;
+            Some(batch)
+        });
+        if let Some(b) = batch {
+            // No page listening is fine.
+            let seq = b["seq"].as_u64().unwrap_or(0);
+            let _ = self.tx.send((seq, Arc::from(b.to_string())));
+        }
+    }
+
+    /// The run is over: its status (`completed`, `interrupted`, ...), exit code and summary.
+    pub fn end(&self, view: Option<&ProgressView>, status: &str, exit_code: u8, summary: Vec<String>) {
+        self.with(|st| {
+            st.ended = Some(json!({"status": status, "exit_code": exit_code, "summary": summary}));
+            st.dirty = true;
+        });
+        let empty = ProgressView::new();
+        self.flush(view.unwrap_or(&empty));
+    }
+
+    /// Everything a page needs to start, and the batch number it is current with.
+    pub fn snapshot(&self) -> (u64, String) {
+        self.with(|st| {
+            let jobs: Vec<Value> = st.jobs.iter().map(|(id, j)| json!({"id": id, "job": j})).collect();
+            let v = json!({
+                "seq": st.seq,
+                "status": st.status,
+                "jobs": jobs,
+                "finished": st.finished,
+                "failures": st.failures,
+                "rates": st.rates,
+                "ended": st.ended,
+            });
+            (st.seq, v.to_string())
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Arc<str>)> {
+        self.tx.subscribe()
+    }
+}
+
+/// Where and how the live view is served.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub addr: String,
+    /// Asked of every request; required for any bind address but loopback.
+    pub token: Option<String>,
+}
+
+/// A random token (from the OS's random source), 32 hex digits.
+pub fn new_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+const INDEX_HTML: &str = include_str!("live/index.html");
+const APP_JS: &str = include_str!("live/app.js");
+const APP_CSS: &str = include_str!("live/app.css");
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The live view's server, bound: its address (the port chosen when 0 was asked) and the task
+/// that serves until the process ends.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub url: String,
+    /// The URL with the token, to print once on the terminal (never in a log).
+    pub url_with_token: String,
+}
+
+/// Binds `opts.addr` (an error names the address) and serves the live view of `hub` on the
+/// tokio runtime. A token is made when the address is not loopback and none was given.
+pub async fn serve(opts: &ServeOptions, hub: Arc<LiveHub>) -> anyhow::Result<Server> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(&opts.addr).await.with_context(|| format!("--serve {}: cannot listen there", opts.addr))?;
+    let addr = listener.local_addr()?;
+    let token = match (&opts.token, addr.ip().is_loopback()) {
+        (Some(t), _) => Some(t.clone()),
+        (None, true) => None,
+        (None, false) => Some(new_token().context("cannot make a token for the live view")?),
+    };
+    let url = format!("http://{addr}/");
+    let url_with_token = match &token {
+        Some(t) => format!("{url}?token={t}"),
+        None => url.clone(),
+    };
+    let app = router(hub, token);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(Server { addr, url, url_with_token })
+}
+
+fn router(hub: Arc<LiveHub>, token: Option<String>) -> axum::Router {
+    use axum::routing::get;
+    let token = Arc::new(token);
+    axum::Router::new()
+        .route("/", get(|| async { page("text/html; charset=utf-8", INDEX_HTML) }))
+        .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", APP_JS) }))
+        .route("/app.css", get(|| async { page("text/css; charset=utf-8", APP_CSS) }))
+        .route("/api/snapshot", get({
+            let hub = hub.clone();
+            move || async move { page("application/json", hub.snapshot().1) }
+        }))
+        .route("/api/events", get(move || events(hub.clone())))
+        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "no such page\n") })
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move { guard(token.as_ref().as_deref(), req, next).await }
+        }))
+}
+
+/// Every request: the token when one is set; every answer: the security headers.
+async fn guard(token: Option<&str>, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(t) = token {
+        let given = req.uri().query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("token="));
+        let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if given.or(bearer).is_none_or(|g| !constant_time_eq(g.as_bytes(), t.as_bytes())) {
+            return (axum::http::StatusCode::UNAUTHORIZED, "a token is needed: open the URL data_generator printed\n").into_response();
+        }
+    }
+    let mut resp = next.run(req).await;
+    let h = resp.headers_mut();
+    h.insert("content-security-policy", axum::http::HeaderValue::from_static(CSP));
+    h.insert("x-content-type-options", axum::http::HeaderValue::from_static("nosniff"));
+    h.insert("referrer-policy", axum::http::HeaderValue::from_static("no-referrer"));
+    h.insert("cache-control", axum::http::HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn page(content_type: &'static str, body: impl Into<axum::body::Body>) -> axum::response::Response {
+    axum::response::Response::builder()
+        .header("content-type", content_type)
+        .body(body.into())
+        .unwrap_or_default()
+}
+
+/// The event stream: a snapshot, then the batches after it; a page that fell behind gets a
+/// fresh snapshot. Nothing is read from the hub while the page does not read: a stalled page
+/// only falls behind.
+async fn events(hub: Arc<LiveHub>) -> axum::response::Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use axum::response::IntoResponse;
+    let rx = hub.subscribe();
+    let (seq, first) = hub.snapshot();
+    let stream = futures::stream::unfold((rx, hub, seq, Some(first)), |(mut rx, hub, mut seq, first)| async move {
+        if let Some(f) = first {
+            return Some((Ok::<_, std::convert::Infallible>(SseEvent::default().event("snapshot").data(f)), (rx, hub, seq, None)));
+        }
+        loop {
+            match rx.recv().await {
+                Ok((n, _)) if n <= seq => continue,
+                Ok((n, batch)) => {
+                    seq = n;
+                    return Some((Ok(SseEvent::default().event("batch").data(batch.as_ref())), (rx, hub, seq, None)));
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let (s, snap) = hub.snapshot();
+                    return Some((Ok(SseEvent::default().event("snapshot").data(snap)), (rx, hub, s, None)));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}

@@ -1,0 +1,244 @@
+//! The live view (`--serve`) at the HTTP level: the snapshot and the event stream (token deltas
+//! in order, adding up to the stored responses), the token off loopback, fixed routes only, a busy
+//! address, and a page that connects and never reads.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fake_ollama::{FakeOllama, Options};
+use crate::util::{read_jsonl, spawn_with, write_questions, ConfigBuilder, Dir};
+
+/// Starts a run with `--serve ADDR`; returns it and the URL it printed (stderr is drained by a
+/// thread into the returned channel's lines).
+fn start(dir: &Dir, serve: &str) -> (Child, String, mpsc::Receiver<String>) {
+    let mut child = spawn_with(dir, &["--config", "run.toml", "--progress", "none", "--serve", serve], Stdio::null(), Stdio::piped());
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let start = Instant::now();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("the run prints the live view's URL");
+        if let Some(url) = line.strip_prefix("live view: ") {
+            return (child, url.to_owned(), rx);
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no URL");
+    }
+}
+
+/// host:port and the token of a printed URL.
+fn parts(url: &str) -> (String, Option<String>) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, query) = rest.split_once('/').expect("path");
+    (host.to_owned(), query.strip_prefix("?token=").map(str::to_owned))
+}
+
+/// A plain HTTP/1.0 request: status and body (read to the end).
+fn get(host: &str, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|b| b.1.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The event stream, read until the run's last word (or the connection's end): (event, data).
+fn read_events(host: &str, path: &str) -> Vec<(String, Value)> {
+    let mut s = TcpStream::connect(host).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut r = BufReader::new(s);
+    let mut events = Vec::new();
+    let (mut name, mut data) = (String::new(), String::new());
+    let mut line = String::new();
+    while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let l = line.trim_end_matches(['\r', '\n']).to_owned();
+        line.clear();
+        if let Some(v) = l.strip_prefix("event: ").or_else(|| l.strip_prefix("event:")) {
+            name = v.to_owned();
+        } else if let Some(v) = l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")) {
+            data.push_str(v);
+        } else if l.is_empty() && !data.is_empty() {
+            let v: Value = serde_json::from_str(&data).expect("event data is JSON");
+            let ended = v["ended"].is_object();
+            events.push((std::mem::take(&mut name), v));
+            data.clear();
+            if ended {
+                break;
+            }
+        }
+    }
+    events
+}
+
+#[test]
+fn the_event_stream_adds_up_to_the_stored_responses() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(4), ..Default::default() });
+    let dir = Dir::new();
+    write_questions(&dir, &["Pourquoi le ciel est-il bleu ? 日本", "<img src=x onerror=alert(1)></script>", "Why?", "Wie?", "Comment ?", "Perché?"]);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    let (mut child, url, _stderr) = start(&dir, "127.0.0.1:0");
+    let (host, token) = parts(&url);
+    assert!(token.is_none(), "no token on loopback");
+    let events = read_events(&host, "/api/events");
+    assert_eq!(child.wait().ok().and_then(|s| s.code()), Some(0));
+
+    assert_eq!(events.first().map(|e| e.0.as_str()), Some("snapshot"), "a snapshot first");
+    // Replay: each request's text from the deltas, in order.
+    let mut text: HashMap<String, String> = HashMap::new();
+    let mut label: HashMap<String, String> = HashMap::new();
+    let mut finished: Vec<(String, String)> = Vec::new();
+    let mut last_seq = 0;
+    for (name, v) in &events {
+        let seq = v["seq"].as_u64().unwrap_or(0);
+        assert!(seq > last_seq || name == "snapshot", "batches in order");
+        last_seq = seq;
+        if name == "snapshot" {
+            for j in v["jobs"].as_array().into_iter().flatten() {
+                let id = j["id"].to_string();
+                text.insert(id.clone(), j["job"]["text"].as_str().unwrap_or_default().to_owned());
+                label.insert(id, j["job"]["label"].as_str().unwrap_or_default().to_owned());
+            }
+            continue;
+        }
+        for s in v["started"].as_array().into_iter().flatten() {
+            let id = s["id"].to_string();
+            text.insert(id.clone(), s["job"]["text"].as_str().unwrap_or_default().to_owned());
+            label.insert(id, s["job"]["label"].as_str().unwrap_or_default().to_owned());
+        }
+        for (id, a) in v["appended"].as_object().into_iter().flatten() {
+            text.entry(id.clone()).or_default().push_str(a["text"].as_str().unwrap_or_default());
+        }
+        for row in v["finished"].as_array().into_iter().flatten() {
+            finished.push((row["label"].as_str().unwrap_or_default().to_owned(), row["response"].as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    let last = &events.last().expect("events").1;
+    assert_eq!(last["ended"]["status"], "completed");
+    assert_eq!(last["ended"]["exit_code"], 0);
+    assert!(last["ended"]["summary"].as_array().is_some_and(|s| !s.is_empty()));
+
+    let records = read_jsonl(&dir.join("out/dataset.jsonl"));
+    let stored: HashMap<String, String> = records.iter().map(|r| (format!("row {}", r["id"].as_str().unwrap_or_default()), r["response"].as_str().unwrap_or_default().to_owned())).collect();
+    assert_eq!(finished.len(), 6, "every finished row in the feed");
+    for (l, response) in &finished {
+        assert_eq!(stored.get(l), Some(response), "{l}: the feed's finished text is the stored one");
+    }
+    // The deltas of each request seen from its start add up to its stored response.
+    let mut checked = 0;
+    for (id, t) in &text {
+        if let Some(want) = label.get(id).and_then(|l| stored.get(l)) {
+            assert_eq!(t, want, "{}: the deltas add up to the stored response", label[id]);
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "most requests were seen streaming ({checked})");
+}
+
+#[test]
+fn off_loopback_every_request_needs_the_token_which_is_never_written() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(40), ..Default::default() });
+    let dir = Dir::new();
+    write_questions(&dir, &["a?", "b?", "c?", "d?"]);
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 1\n".into();
+    dir.write("run.toml", cfg.toml());
+    let (mut child, url, _stderr) = start(&dir, "0.0.0.0:0");
+    let (host, token) = parts(&url);
+    let token = token.expect("a token off loopback");
+    assert_eq!(token.len(), 32);
+    let port = host.rsplit(':').next().unwrap_or_default();
+    let local = format!("127.0.0.1:{port}");
+    for path in ["/", "/api/snapshot", "/api/events", "/app.js"] {
+        assert_eq!(get(&local, "GET", path).0, 401, "{path} without the token");
+        assert_eq!(get(&local, "GET", &format!("{path}?token=nope")).0, 401, "{path} with a wrong token");
+    }
+    let (status, body) = get(&local, "GET", &format!("/api/snapshot?token={token}"));
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Value>(&body).is_ok());
+    crate::util::wait_for("the run's log", Duration::from_secs(20), || dir.join("out/run.log").exists());
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = child.kill();
+    let _ = child.wait();
+    for f in ["out/run.log", "out/manifest.json"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        assert!(!text.contains(&token), "{f} never holds the token");
+    }
+    assert!(dir.read("out/run.log").contains("live view"), "the log has the URL, without its token");
+}
+
+#[test]
+fn only_the_fixed_routes_answer_with_the_security_headers() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(40), ..Default::default() });
+    let dir = Dir::new();
+    write_questions(&dir, &["a?", "b?", "c?"]);
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 1\n".into();
+    dir.write("run.toml", cfg.toml());
+    let (mut child, url, _stderr) = start(&dir, "127.0.0.1:0");
+    let (host, _) = parts(&url);
+    for path in ["/etc/passwd", "/../Cargo.toml", "/api/snapshot/../../run.toml", "/api", "/out/dataset.jsonl"] {
+        assert_eq!(get(&host, "GET", path).0, 404, "{path}");
+    }
+    assert_eq!(get(&host, "POST", "/api/snapshot").0, 405, "read-only");
+    let mut s = TcpStream::connect(&host).expect("connect");
+    write!(s, "GET / HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut page = String::new();
+    let _ = s.read_to_string(&mut page);
+    let head = page.split("\r\n\r\n").next().unwrap_or_default().to_lowercase();
+    assert!(head.contains("content-security-policy: default-src 'none'; script-src 'self'"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"));
+    assert!(!page.contains("innerHTML") && get(&host, "GET", "/app.js").1.contains("textContent") && !get(&host, "GET", "/app.js").1.contains("innerHTML"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn a_busy_address_is_an_error_before_any_request() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    write_questions(&dir, &["a?"]);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = busy.local_addr().expect("addr").to_string();
+    dir.run(&["--config", "run.toml", "--serve", &addr], &[]).expect_code(1).expect_stderr(&format!("--serve {addr}: cannot listen there"));
+    assert!(fake.generations().is_empty(), "no request");
+}
+
+#[test]
+fn a_page_that_never_reads_does_not_hold_the_run() {
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(1), ..Default::default() });
+    let dir = Dir::new();
+    let qs: Vec<String> = (0..40).map(|i| format!("question {i} {}", "x".repeat(200))).collect();
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    let (mut child, url, _stderr) = start(&dir, "127.0.0.1:0");
+    let (host, _) = parts(&url);
+    // Connects, asks for the stream, never reads a byte.
+    let mut stalled = TcpStream::connect(&host).expect("connect");
+    write!(stalled, "GET /api/events HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the run finished despite the stalled page");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(read_jsonl(&dir.join("out/dataset.jsonl")).len(), 40);
+    drop(stalled);
+}
