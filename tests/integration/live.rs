@@ -16,6 +16,7 @@ use crate::util::{read_jsonl, spawn_with, write_questions, ConfigBuilder, Dir};
 
 /// Starts a run with `--serve ADDR`; returns it and the URL it printed (stderr is drained by a
 /// thread into the returned channel's lines).
+#[allow(clippy::zombie_processes)] // every caller waits for or kills the child
 fn start(dir: &Dir, serve: &str) -> (Child, String, mpsc::Receiver<String>) {
     let mut child = spawn_with(dir, &["--config", "run.toml", "--progress", "none", "--serve", serve], Stdio::null(), Stdio::piped());
     let stderr = child.stderr.take().expect("stderr");

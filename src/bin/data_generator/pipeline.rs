@@ -1228,7 +1228,7 @@ fn stage_summary_lines(cfg: &Config, paths: &OutputPaths, m: &Manifest, view: Op
         if s.exploded_into > 0 || s.exploded_empty > 0 {
             line.push_str(&format!(", exploded into {} rows", s.exploded_into));
         }
-        out.push(format!("{line}"));
+        out.push(line.to_string());
     }
     for f in &cfg.raw.output.formats {
         let p = match f {
