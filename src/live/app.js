@@ -31,6 +31,9 @@
     $("alerts").replaceChildren(...(s.alerts || []).map((a) => el("div", null, a)));
     setLines($("stages"), s.stages);
     setLines($("servers"), s.servers);
+    if (!(s.stages || []).length && !(s.servers || []).length) {
+      $("stages").replaceChildren(el("li", "muted", "one stage, one server"));
+    }
   }
 
   function jobCard(id, job) {

@@ -4,6 +4,7 @@
 mod fake_ollama;
 mod util;
 
+mod browser;
 mod errors;
 mod faults;
 mod inspect;

@@ -1,0 +1,162 @@
+//! The live view in a real browser: headless Chromium, driven over WebDriver (chromedriver), opens
+//! the page during a run against the fake, sees the requests in flight with their streamed text,
+//! shows an `<img onerror>` payload as text without making an element of it, and sees the end.
+//! Ignored by a plain `cargo test` (it needs Debian's `chromium` and `chromium-driver`);
+//! `scripts/browser-test.sh` installs them when missing and runs it, and so does `.ci/run`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::fake_ollama::{FakeOllama, Options};
+use crate::util::{read_jsonl, spawn_with, write_questions, ConfigBuilder, Dir};
+
+const PAYLOAD: &str = "<img src=x onerror=alert(1)></script> 日本語 🎉";
+
+/// One WebDriver command over plain HTTP/1.1: the `value` of the answer.
+fn wd(port: u16, method: &str, path: &str, body: Option<Value>) -> Value {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to chromedriver");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).expect("write");
+    // The answer's head, then exactly Content-Length bytes (chromedriver keeps the connection).
+    let mut r = std::io::BufReader::new(s);
+    let mut len = 0usize;
+    let mut line = String::new();
+    use std::io::BufRead;
+    while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        line.clear();
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap_or_else(|e| panic!("chromedriver {method} {path}: {e}"));
+    let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("chromedriver {method} {path}: {e}: {}", String::from_utf8_lossy(&body)));
+    v["value"].clone()
+}
+
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn driver() -> Driver {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port");
+    let child = Command::new("chromedriver").arg(format!("--port={port}")).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("chromedriver (scripts/browser-test.sh installs it)");
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed() < Duration::from_secs(20), "chromedriver did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Driver { child, port }
+}
+
+/// Runs `script` in the page until it returns something true (or fails the test after `limit`).
+fn wait_for(port: u16, sid: &str, what: &str, script: &str, limit: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let v = wd(port, "POST", &format!("/session/{sid}/execute/sync"), Some(json!({"script": script, "args": []})));
+        if v.as_bool() == Some(true) || v.is_object() || v.as_array().is_some_and(|a| !a.is_empty()) {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what} (last: {v})");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "a real browser: run with scripts/browser-test.sh"]
+fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
+    // Slow enough (~20 s in all) that the browser is up while requests stream.
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(60), ..Default::default() });
+    let dir = Dir::new();
+    write_questions(&dir, &["Pourquoi le ciel est-il bleu ?", "Why is the sea salty?", PAYLOAD, "Wie hoch ist der Mount Everest?", "¿Por qué?", "为什么?"]);
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    cfg.run = "concurrency = 2\n".into();
+    dir.write("run.toml", cfg.toml());
+    let mut run = spawn_with(&dir, &["--config", "run.toml", "--progress", "none", "--serve", "127.0.0.1:0"], Stdio::null(), Stdio::piped());
+    let mut err = run.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    let url = loop {
+        let mut b = [0u8; 256];
+        let n = err.read(&mut b).expect("stderr");
+        assert!(n > 0, "the run ended before printing the URL: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&b[..n]));
+        if let Some(url) = seen.lines().find_map(|l| l.strip_prefix("live view: ")).filter(|_| seen.contains('\n')) {
+            break url.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+
+    let d = driver();
+    let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+        "binary": "/usr/bin/chromium", "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]}}}});
+    let t = Instant::now();
+    let session = wd(d.port, "POST", "/session", Some(caps));
+    eprintln!("browser session in {:?}", t.elapsed());
+    let sid = session["sessionId"].as_str().expect("a session").to_owned();
+    let t = Instant::now();
+    wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": url})));
+    eprintln!("page loaded in {:?}", t.elapsed());
+
+    // Requests in flight, their text streaming in.
+    let flight = wait_for(d.port, &sid, "a request streaming", "const t = [...document.querySelectorAll('.job pre.text')].map(p => p.textContent).filter(t => t.length > 3); return t.length ? t : false;", Duration::from_secs(30));
+    assert!(flight.as_array().is_some_and(|t| t.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("Réponse")))), "{flight}");
+    let shot = wd(d.port, "GET", &format!("/session/{sid}/screenshot"), None);
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-view.png");
+    use base64_decode as b64;
+    std::fs::write(&out, b64(shot.as_str().unwrap_or_default())).expect("screenshot");
+
+    // The end, with the status; the payload is text, and no element came of it.
+    let end = wait_for(d.port, &sid, "the end of the run", "return document.getElementById('state').textContent === 'ended' ? {ended: document.getElementById('ended').textContent} : false;", Duration::from_secs(60));
+    assert!(end["ended"].as_str().is_some_and(|t| t.contains("Run ended: completed (exit 0)")), "{end}");
+    let dom = wd(d.port, "POST", &format!("/session/{sid}/execute/sync"), Some(json!({"script":
+        "document.querySelectorAll('#finished li').forEach(li => li.click()); return {imgs: document.querySelectorAll('img').length, scripts: document.scripts.length, text: document.body.textContent, rows: document.querySelectorAll('#finished li').length, alerted: typeof window.alerted !== 'undefined'};", "args": []})));
+    assert_eq!(dom["imgs"], 0, "no element made of model or input text");
+    assert_eq!(dom["scripts"], 1, "only the page's own script");
+    assert_eq!(dom["rows"], 6);
+    let text = dom["text"].as_str().unwrap_or_default();
+    assert!(text.contains(PAYLOAD), "the payload shows as text");
+    for r in read_jsonl(&dir.join("out/dataset.jsonl")) {
+        assert!(text.contains(r["response"].as_str().unwrap_or("?").lines().next().unwrap_or("?")), "every finished response is on the page");
+    }
+    wd(d.port, "DELETE", &format!("/session/{sid}"), None);
+    assert_eq!(run.wait().ok().and_then(|s| s.code()), Some(0));
+}
+
+/// Standard base64 (the screenshot WebDriver sends) to bytes.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' => Some(62),
+        b'/' => Some(63),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0);
+    for v in s.bytes().filter_map(val) {
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
