@@ -229,7 +229,7 @@ case "$cmd" in
         # The same profile and flags as a plain `cargo test --locked`, so its build is reused.
         log "running the real-model end-to-end test (tests/integration/real_model.rs)"
         cd "$here"
-        exec cargo test --locked --test integration -- --ignored --test-threads 1 "$@"
+        exec cargo test --locked --test integration -- --ignored real_model:: --test-threads 1 "$@"
         ;;
     *)
         echo "usage: $0 [run [ARGS...] | setup | serve [PORT] | test [ARGS...]]" >&2
