@@ -156,18 +156,23 @@ impl LiveHub {
                         }
                     }
                 }
+                // A new attempt (or a wait before one) starts its text afresh; the first answer
+                // of the server only changes the phase.
                 Event::Attempt { job, .. } | Event::Retry { job, .. } | Event::ReAsk { job, .. } | Event::ServerWait { job } | Event::Responding { job } => {
-                    if let (Some(j), Some((phase, attempt))) = (st.jobs.get_mut(job), phase_of(*job)) {
-                        if matches!(ev, Event::Attempt { .. } | Event::Retry { .. } | Event::ReAsk { .. } | Event::ServerWait { .. }) {
-                            // A new attempt starts its text afresh.
+                    let Some((phase, attempt)) = phase_of(*job) else { return };
+                    let fresh = !matches!(ev, Event::Responding { .. });
+                    if let Some(j) = st.jobs.get_mut(job) {
+                        if fresh {
                             j.text.clear();
                             j.thinking.clear();
-                            st.appended.remove(job);
                         }
                         j.phase = phase.clone();
                         j.attempt = attempt;
-                        st.phases.insert(*job, (phase, attempt));
                     }
+                    if fresh {
+                        st.appended.remove(job);
+                    }
+                    st.phases.insert(*job, (phase, attempt));
                 }
                 Event::Done { job, completion_tokens } => {
                     if let Some(j) = st.jobs.remove(job) {

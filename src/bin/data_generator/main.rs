@@ -270,6 +270,22 @@ fn stage_names(dir: &Path) -> Option<Vec<String>> {
     })
 }
 
+/// The lines of a file, streamed (a dataset may not fit in memory).
+fn count_lines(path: &Path) -> std::io::Result<usize> {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path)?);
+    let mut n = 0;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(n);
+        }
+        n += buf.iter().filter(|c| **c == b'\n').count();
+        let len = buf.len();
+        r.consume(len);
+    }
+}
+
 /// `inspect` of a multi-stage folder: the composed dataset's size, then each stage's report.
 fn inspect_stages(args: &InspectArgs, names: &[String]) -> anyhow::Result<u8> {
     let dir = &args.path;
@@ -278,7 +294,7 @@ fn inspect_stages(args: &InspectArgs, names: &[String]) -> anyhow::Result<u8> {
         Some(s) => vec![s],
         None => names.iter().collect(),
     };
-    let rows = std::fs::read(dir.join("dataset.jsonl")).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0);
+    let rows = count_lines(&dir.join("dataset.jsonl")).unwrap_or(0);
     let failures = Some(dir.join("failures.jsonl")).filter(|f| f.is_file());
     let mut reports = serde_json::Map::new();
     let mut text = format!("multi-stage run: {} ({}); dataset.jsonl: {rows} rows that went through every stage\n", dir.display(), names.join(" -> "));

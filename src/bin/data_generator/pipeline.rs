@@ -922,9 +922,10 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                     }
                     counts[s].failed += 1;
                     let f = record::Failure {
-                        id: rec.id.clone(), sample: rec.sample, model: rec.model.clone(), error: e, attempts: rec.attempts, retryable: false,
-                        key: rec.key.clone(), endpoint: rec.endpoint.clone(), when: record::now_rfc3339(), validation_errors: None,
-                        last_reply: None, stage: Some(names[s].clone()), parent: rec.parent.clone(),
+                        attempts: rec.attempts,
+                        key: rec.key.clone(),
+                        endpoint: rec.endpoint.clone(),
+                        ..stage_failure(&names[s], &rec.id, rec.sample, &rec.model, e, rec.parent.clone())
                     };
                     tracing::error!(stage = %names[s], id = %f.id, error = %f.error, "the row cannot go on");
                     writer_ok &= writer.send(StageItem::Failure(Box::new(f)));
@@ -1019,11 +1020,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
                 match pipeline.requests(s, &row) {
                     Err(e) => {
                         counts[s].failed += 1;
-                        let f = record::Failure {
-                            id: row.id.clone(), sample: 0, model: pipeline.stages[s].cfg.backend().model.clone(), error: e.to_string(), attempts: 0,
-                            retryable: false, key: String::new(), endpoint: None, when: record::now_rfc3339(), validation_errors: None,
-                            last_reply: None, stage: Some(names[s].clone()), parent: row.parent.as_ref().map(|p| p.0.clone()),
-                        };
+                        let f = stage_failure(&names[s], &row.id, 0, &pipeline.stages[s].cfg.backend().model, e.to_string(), row.parent.as_ref().map(|p| p.0.clone()));
                         tracing::error!(stage = %names[s], id = %row.id, error = %f.error, "cannot render the stage's prompt");
                         writer_ok &= writer.send(StageItem::Failure(Box::new(f)));
                     }
@@ -1168,6 +1165,26 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     let outcome = RunOutcome { failed: failed + skipped, interrupted: stopping.signal.is_some() };
     end_live(hub.as_deref(), view.as_ref(), status, &outcome, summary).await;
     Ok(outcome)
+}
+
+/// A row that cannot go on at a stage for a reason of its own (its prompt does not render, its
+/// `keep` fails): a failure no retry would mend.
+fn stage_failure(stage: &str, id: &str, sample: u32, model: &str, error: String, parent: Option<String>) -> record::Failure {
+    record::Failure {
+        id: id.to_owned(),
+        sample,
+        model: model.to_owned(),
+        error,
+        attempts: 0,
+        retryable: false,
+        key: String::new(),
+        endpoint: None,
+        when: record::now_rfc3339(),
+        validation_errors: None,
+        last_reply: None,
+        stage: Some(stage.to_owned()),
+        parent,
+    }
 }
 
 /// A stage's request: its messages and schema (what [`get_student_response`] sends).
