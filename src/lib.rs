@@ -23,3 +23,5 @@ pub mod schema;
 pub mod sse;
 pub mod stages;
 pub mod template;
+pub mod view;
+pub mod web;

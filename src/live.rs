@@ -12,7 +12,6 @@
 //! data, never markup.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,8 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::progress::{format_duration, Event, JobId, Phase, ProgressView};
+pub use crate::web::{ServeOptions, Server};
+use crate::web::page;
 
 /// Finished rows and failures a page can list.
 const KEEP_FINISHED: usize = 50;
@@ -317,62 +318,13 @@ impl LiveHub {
     }
 }
 
-/// Where and how the live view is served.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    pub addr: String,
-    /// Asked of every request; required for any bind address but loopback.
-    pub token: Option<String>,
-}
-
-/// A random token (from the OS's random source), 32 hex digits.
-pub fn new_token() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-const INDEX_HTML: &str = include_str!("live/index.html");
-const APP_JS: &str = include_str!("live/app.js");
-const APP_CSS: &str = include_str!("live/app.css");
-const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-/// The live view's server, bound: its address (the port chosen when 0 was asked) and the task
-/// that serves until the process ends.
-pub struct Server {
-    pub addr: SocketAddr,
-    pub url: String,
-    /// The URL with the token, to print once on the terminal (never in a log).
-    pub url_with_token: String,
-}
-
-/// Binds `opts.addr` (an error names the address) and serves the live view of `hub` on the
-/// tokio runtime. A token is made when the address is not loopback and none was given.
+/// Binds `opts.addr` and serves the live view of `hub` (see [`crate::web::serve`]).
 pub async fn serve(opts: &ServeOptions, hub: Arc<LiveHub>) -> anyhow::Result<Server> {
-    use anyhow::Context;
-    let listener = tokio::net::TcpListener::bind(&opts.addr).await.with_context(|| format!("--serve {}: cannot listen there", opts.addr))?;
-    let addr = listener.local_addr()?;
-    let token = match (&opts.token, addr.ip().is_loopback()) {
-        (Some(t), _) => Some(t.clone()),
-        (None, true) => None,
-        (None, false) => Some(new_token().context("cannot make a token for the live view")?),
-    };
-    let url = format!("http://{addr}/");
-    let url_with_token = match &token {
-        Some(t) => format!("{url}?token={t}"),
-        None => url.clone(),
-    };
-    let app = router(hub, token);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(Server { addr, url, url_with_token })
+    crate::web::serve(opts, "--serve", router(hub)).await
 }
 
-fn router(hub: Arc<LiveHub>, token: Option<String>) -> axum::Router {
+fn router(hub: Arc<LiveHub>) -> axum::Router {
     use axum::routing::get;
-    let token = Arc::new(token);
     axum::Router::new()
         .route("/", get(|| async { page("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/app.js", get(|| async { page("text/javascript; charset=utf-8", APP_JS) }))
@@ -382,42 +334,11 @@ fn router(hub: Arc<LiveHub>, token: Option<String>) -> axum::Router {
             move || async move { page("application/json", hub.snapshot().1) }
         }))
         .route("/api/events", get(move || events(hub.clone())))
-        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "no such page\n") })
-        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
-            let token = token.clone();
-            async move { guard(token.as_ref().as_deref(), req, next).await }
-        }))
 }
 
-/// Every request: the token when one is set; every answer: the security headers.
-async fn guard(token: Option<&str>, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    if let Some(t) = token {
-        let given = req.uri().query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("token="));
-        let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-        if given.or(bearer).is_none_or(|g| !constant_time_eq(g.as_bytes(), t.as_bytes())) {
-            return (axum::http::StatusCode::UNAUTHORIZED, "a token is needed: open the URL data_generator printed\n").into_response();
-        }
-    }
-    let mut resp = next.run(req).await;
-    let h = resp.headers_mut();
-    h.insert("content-security-policy", axum::http::HeaderValue::from_static(CSP));
-    h.insert("x-content-type-options", axum::http::HeaderValue::from_static("nosniff"));
-    h.insert("referrer-policy", axum::http::HeaderValue::from_static("no-referrer"));
-    h.insert("cache-control", axum::http::HeaderValue::from_static("no-store"));
-    resp
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn page(content_type: &'static str, body: impl Into<axum::body::Body>) -> axum::response::Response {
-    axum::response::Response::builder()
-        .header("content-type", content_type)
-        .body(body.into())
-        .unwrap_or_default()
-}
+const INDEX_HTML: &str = include_str!("live/index.html");
+const APP_JS: &str = include_str!("live/app.js");
+pub(crate) const APP_CSS: &str = include_str!("live/app.css");
 
 /// The event stream: a snapshot, then the batches after it; a page that fell behind gets a
 /// fresh snapshot. Nothing is read from the hub while the page does not read: a stalled page

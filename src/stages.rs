@@ -482,6 +482,27 @@ impl Pipeline {
     }
 }
 
+/// The stages of a multi-stage output folder, in run order (the manifest's; else the files').
+pub fn stage_names(dir: &Path) -> Option<Vec<String>> {
+    let stages = dir.join("stages");
+    if !stages.is_dir() {
+        return None;
+    }
+    let from_manifest = std::fs::read(dir.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|m| m["stages"].as_array().map(|a| a.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect::<Vec<_>>()))
+        .filter(|v| !v.is_empty());
+    from_manifest.or_else(|| {
+        let mut names: Vec<String> = std::fs::read_dir(&stages)
+            .ok()?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".jsonl").map(str::to_owned))
+            .collect();
+        names.sort();
+        Some(names)
+    })
+}
+
 /// Where a multi-stage run's files are, beside the one-stage names of [`crate::dataset::OutputPaths`].
 pub fn stage_jsonl(dir: &Path, name: &str) -> PathBuf {
     dir.join("stages").join(format!("{name}.jsonl"))

@@ -1,5 +1,5 @@
 //! `data_generator --config run.toml`: parse the command line, load the config, run, exit code.
-//! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`, `merge`.
+//! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`, `merge`, `view`.
 
 mod ollama_client;
 mod openai_client;
@@ -29,7 +29,9 @@ use data_generator::progress::DisplayMode;
   data_generator check --config configs/example.toml
       Dry run: config, input, templates, server and model; nothing is sent.
   data_generator inspect output/example --sample 3
-      What the dataset holds, with 3 records chosen at random."
+      What the dataset holds, with 3 records chosen at random.
+  data_generator view output/example
+      Browse the records in the browser (http://127.0.0.1:8765/): search, filters, summary."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +52,21 @@ enum Command {
     Export(ExportArgs),
     /// Combine shard folders (from --shard K/N) into one dataset, without duplicates.
     Merge(MergeArgs),
+    /// Browse a run's output in the browser: records, search, filters, the inspect summary.
+    View(ViewArgs),
+}
+
+#[derive(Args, Debug)]
+struct ViewArgs {
+    /// An output folder (of a finished run, or of one still going: new records show as they come).
+    dir: PathBuf,
+    /// Where to serve the page (port 0 picks a free one). Any address but loopback needs a
+    /// token: one is made (or give --serve-token).
+    #[arg(long, value_name = "ADDR", default_value = data_generator::web::DEFAULT_ADDR)]
+    serve: String,
+    /// The page's token (default: made at random when the address is not loopback).
+    #[arg(long, value_name = "TOKEN", env = "DATA_GENERATOR_SERVE_TOKEN", hide_env_values = true)]
+    serve_token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -99,7 +116,7 @@ struct RunArgs {
     fresh: bool,
     /// Serve a live view of the run in the browser at ADDR (default 127.0.0.1:8765; port 0 picks
     /// a free one). Any address but loopback needs a token: one is made (or give --serve-token).
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8765")]
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = data_generator::web::DEFAULT_ADDR)]
     serve: Option<String>,
     /// The live view's token (default: made at random when the address is not loopback).
     #[arg(long, value_name = "TOKEN", env = "DATA_GENERATOR_SERVE_TOKEN", hide_env_values = true)]
@@ -189,6 +206,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect(args)) => inspect(args),
         Some(Command::Export(args)) => export(args),
         Some(Command::Merge(args)) => merge(args),
+        Some(Command::View(args)) => view(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -247,27 +265,6 @@ fn config_keys(path: Option<&Path>) -> anyhow::Result<Option<std::collections::H
     let host = std::env::var("OLLAMA_HOST").ok();
     let cfg = config::load(path, &Overrides::default(), host.as_deref())?;
     Ok(Some(data_generator::plan::Planner::new(&cfg)?.keys()?))
-}
-
-/// The stages of a multi-stage output folder, in run order (the manifest's; else the files').
-fn stage_names(dir: &Path) -> Option<Vec<String>> {
-    let stages = dir.join("stages");
-    if !stages.is_dir() {
-        return None;
-    }
-    let from_manifest = std::fs::read(dir.join("manifest.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|m| m["stages"].as_array().map(|a| a.iter().filter_map(|s| s["name"].as_str().map(str::to_owned)).collect::<Vec<_>>()))
-        .filter(|v| !v.is_empty());
-    from_manifest.or_else(|| {
-        let mut names: Vec<String> = std::fs::read_dir(&stages)
-            .ok()?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_suffix(".jsonl").map(str::to_owned))
-            .collect();
-        names.sort();
-        Some(names)
-    })
 }
 
 /// The lines of a file, streamed (a dataset may not fit in memory).
@@ -332,7 +329,7 @@ fn inspect_stages(args: &InspectArgs, names: &[String]) -> anyhow::Result<u8> {
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<u8> {
-    if let Some(names) = stage_names(&args.path) {
+    if let Some(names) = data_generator::stages::stage_names(&args.path) {
         return inspect_stages(&args, &names);
     }
     if let Some(s) = &args.stage {
@@ -363,7 +360,7 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 fn export(args: ExportArgs) -> anyhow::Result<u8> {
     let mut src = Source::locate(&args.path)?;
     let dir = if args.path.is_dir() { args.path.clone() } else { args.path.parent().map(Path::to_path_buf).unwrap_or_default() };
-    match (stage_names(&dir), &args.stage) {
+    match (data_generator::stages::stage_names(&dir), &args.stage) {
         (Some(names), Some(s)) if !names.contains(s) => anyhow::bail!("--stage {s}: {} has no such stage (its stages: {})", dir.display(), names.join(", ")),
         (Some(_), Some(s)) => src.stage = Some(s.clone()),
         (Some(names), None) => anyhow::bail!(
@@ -445,7 +442,7 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
 }
 
 fn merge(args: MergeArgs) -> anyhow::Result<u8> {
-    if let Some(d) = args.dirs.iter().find(|d| stage_names(d).is_some()) {
+    if let Some(d) = args.dirs.iter().find(|d| data_generator::stages::stage_names(d).is_some()) {
         anyhow::bail!(
             "{} is the output of a multi-stage run: merge takes one-stage folders (merging shards of a multi-stage run is not supported yet; \
              export each shard with --stage and concatenate the files)",
@@ -465,4 +462,24 @@ fn merge(args: MergeArgs) -> anyhow::Result<u8> {
         eprintln!("warning: {} malformed lines were skipped", stats.malformed_lines);
     }
     Ok(0)
+}
+
+/// `view DIR`: serves the dataset browser until Ctrl-C (or SIGTERM). The index is built in the
+/// background: the page opens at once and fills in.
+fn view(args: ViewArgs) -> anyhow::Result<u8> {
+    let ds = data_generator::view::Dataset::open(&args.dir)?;
+    ds.follow();
+    let opts = data_generator::web::ServeOptions { addr: args.serve, token: args.serve_token };
+    runtime()?.block_on(async {
+        let server = data_generator::view::serve(&opts, ds.clone()).await?;
+        eprintln!("view: {}", server.url_with_token);
+        eprintln!("serving {} (read-only) until Ctrl-C", args.dir.display());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        ds.shut_down();
+        Ok(0)
+    })
 }
