@@ -37,14 +37,14 @@ fn start(dir: &Dir, serve: &str) -> (Child, String, mpsc::Receiver<String>) {
 }
 
 /// host:port and the token of a printed URL.
-fn parts(url: &str) -> (String, Option<String>) {
+pub(crate) fn parts(url: &str) -> (String, Option<String>) {
     let rest = url.strip_prefix("http://").expect("http URL");
     let (host, query) = rest.split_once('/').expect("path");
     (host.to_owned(), query.strip_prefix("?token=").map(str::to_owned))
 }
 
 /// A plain HTTP/1.0 request: status and body (read to the end).
-fn get(host: &str, method: &str, path: &str) -> (u16, String) {
+pub(crate) fn get(host: &str, method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(host).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     write!(s, "{method} {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");

@@ -17,3 +17,4 @@ mod resume;
 mod scale;
 mod stages;
 mod structured;
+mod view;

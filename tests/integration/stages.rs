@@ -14,14 +14,14 @@ const QUESTIONS_SCHEMA: &str = r#"{"type": "object", "properties": {"questions":
 const JUDGE_SCHEMA: &str = r#"{"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10}, "reason": {"type": "string"}}, "required": ["score", "reason"]}"#;
 
 /// The fake with a teacher model beside the default one.
-fn fake(delay_ms: u64) -> FakeOllama {
+pub(crate) fn fake(delay_ms: u64) -> FakeOllama {
     let mut opts = Options { token_delay: Duration::from_millis(delay_ms), ..Default::default() };
     opts.models.push("teacher-model".into());
     FakeOllama::start(opts)
 }
 
 /// `n` topics, ids t1..tN.
-fn write_topics(dir: &Dir, n: usize) {
+pub(crate) fn write_topics(dir: &Dir, n: usize) {
     let mut s = String::new();
     for i in 1..=n {
         s.push_str(&json!({"id": format!("t{i}"), "topic": format!("sujet n°{i}: l'optique 日本 🎉"), "level": "year 10"}).to_string());
@@ -33,7 +33,7 @@ fn write_topics(dir: &Dir, n: usize) {
 /// A three-stage config: the teacher (its own model) writes questions (the fake writes two per
 /// topic), the student answers each, the judge scores each answer; only the first question of
 /// each topic passes `keep` (the fake's score is always 5).
-fn three_stages(url: &str, judge_template: &str, concurrency: usize) -> String {
+pub(crate) fn three_stages(url: &str, judge_template: &str, concurrency: usize) -> String {
     format!(
         r#"name = "distill"
 [backend]
@@ -78,7 +78,7 @@ keep = "judge.parsed.score >= 5 and questions.item_index == 0"
     )
 }
 
-const JUDGE_TEMPLATE: &str = "Question: {{ questions.item }}\\nAnswer: {{ answer.response }}";
+pub(crate) const JUDGE_TEMPLATE: &str = "Question: {{ questions.item }}\\nAnswer: {{ answer.response }}";
 
 /// What a dataset row says, without the times that differ between runs.
 fn row_gist(r: &Value) -> Value {
