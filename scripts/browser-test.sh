@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The live view in a real browser: installs Debian's chromium and chromium-driver (and fonts with
+# The browser pages in a real browser (the live view, `view`): installs Debian's chromium and chromium-driver (and fonts with
 # CJK and emoji glyphs) when they are missing, then runs the ignored browser test in
 # tests/integration/browser.rs (headless Chromium over WebDriver). Needs root or sudo for apt-get
 # the first time; ~1-3 min to install, ~30 s to run.

@@ -1,6 +1,8 @@
-//! The live view in a real browser: headless Chromium, driven over WebDriver (chromedriver), opens
-//! the page during a run against the fake, sees the requests in flight with their streamed text,
-//! shows an `<img onerror>` payload as text without making an element of it, and sees the end.
+//! The pages in a real browser: headless Chromium, driven over WebDriver (chromedriver). The live
+//! view opens during a run against the fake, sees the requests in flight with their streamed
+//! text, shows an `<img onerror>` payload as text without making an element of it, and sees the
+//! end. `view` lists a finished dataset, finds a record typed into its search box, opens it, and
+//! keeps all of that in a link that opens the same again.
 //! Ignored by a plain `cargo test` (it needs Debian's `chromium` and `chromium-driver`);
 //! `scripts/browser-test.sh` installs them when missing and runs it, and so does `.ci/run`.
 
@@ -65,6 +67,29 @@ fn driver() -> Driver {
     Driver { child, port }
 }
 
+/// A headless Chromium session: its id.
+fn session(d: &Driver) -> String {
+    let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+        "binary": "/usr/bin/chromium", "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]}}}});
+    let t = Instant::now();
+    let session = wd(d.port, "POST", "/session", Some(caps));
+    eprintln!("browser session in {:?}", t.elapsed());
+    session["sessionId"].as_str().expect("a session").to_owned()
+}
+
+/// Saves what the browser shows to the test's temporary folder (`target/tmp/NAME`).
+fn screenshot(d: &Driver, sid: &str, name: &str) {
+    let shot = wd(d.port, "GET", &format!("/session/{sid}/screenshot"), None);
+    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&out, base64_decode(shot.as_str().unwrap_or_default())).expect("screenshot");
+    eprintln!("screenshot: {}", out.display());
+}
+
+/// Runs a script in the page: its value.
+fn exec(d: &Driver, sid: &str, script: &str) -> Value {
+    wd(d.port, "POST", &format!("/session/{sid}/execute/sync"), Some(json!({"script": script, "args": []})))
+}
+
 /// Runs `script` in the page until it returns something true (or fails the test after `limit`).
 fn wait_for(port: u16, sid: &str, what: &str, script: &str, limit: Duration) -> Value {
     let start = Instant::now();
@@ -103,12 +128,7 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
 
     let d = driver();
-    let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-        "binary": "/usr/bin/chromium", "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1000"]}}}});
-    let t = Instant::now();
-    let session = wd(d.port, "POST", "/session", Some(caps));
-    eprintln!("browser session in {:?}", t.elapsed());
-    let sid = session["sessionId"].as_str().expect("a session").to_owned();
+    let sid = session(&d);
     let t = Instant::now();
     wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": url})));
     eprintln!("page loaded in {:?}", t.elapsed());
@@ -116,10 +136,7 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     // Requests in flight, their text streaming in.
     let flight = wait_for(d.port, &sid, "a request streaming", "const t = [...document.querySelectorAll('.job pre.text')].map(p => p.textContent).filter(t => t.length > 3); return t.length ? t : false;", Duration::from_secs(30));
     assert!(flight.as_array().is_some_and(|t| t.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("Réponse")))), "{flight}");
-    let shot = wd(d.port, "GET", &format!("/session/{sid}/screenshot"), None);
-    let out = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("live-view.png");
-    use base64_decode as b64;
-    std::fs::write(&out, b64(shot.as_str().unwrap_or_default())).expect("screenshot");
+    screenshot(&d, &sid, "live-view.png");
 
     // The end, with the status; the payload is text, and no element came of it.
     let end = wait_for(d.port, &sid, "the end of the run", "return document.getElementById('state').textContent === 'ended' ? {ended: document.getElementById('ended').textContent} : false;", Duration::from_secs(60));
@@ -136,6 +153,79 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     }
     wd(d.port, "DELETE", &format!("/session/{sid}"), None);
     assert_eq!(run.wait().ok().and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+#[ignore = "a real browser: run with scripts/browser-test.sh"]
+fn the_view_page_lists_a_finished_dataset_and_finds_a_record_by_search() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let mut questions: Vec<String> = (1..=80).map(|i| format!("Question n°{i}: why is the sky blue at hour {i}?")).collect();
+    questions[10] = PAYLOAD.into();
+    questions[57] = "Combien de lunes a Jupiter ? 木星 🪐".into();
+    let refs: Vec<&str> = questions.iter().map(String::as_str).collect();
+    write_questions(&dir, &refs);
+    dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
+    dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
+    let stored = read_jsonl(&dir.join("out/dataset.jsonl"));
+
+    let mut view = spawn_with(&dir, &["view", "out", "--serve", "127.0.0.1:0"], Stdio::null(), Stdio::piped());
+    let mut err = view.stderr.take().expect("stderr");
+    let mut seen = String::new();
+    let url = loop {
+        let mut b = [0u8; 256];
+        let n = err.read(&mut b).expect("stderr");
+        assert!(n > 0, "view ended before printing the URL: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&b[..n]));
+        if let Some(url) = seen.lines().find_map(|l| l.strip_prefix("view: ")).filter(|_| seen.contains('\n')) {
+            break url.trim().to_owned();
+        }
+    };
+    let d = driver();
+    let sid = session(&d);
+    wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": url})));
+
+    // The first page of the table: 50 rows, the file's first records, the payload as text.
+    let first = wait_for(d.port, &sid, "the table", "const r = document.querySelectorAll('#rows tr'); return r.length === 50 ? [...r].map(tr => tr.children[1].textContent) : false;", Duration::from_secs(30));
+    let want: Vec<Value> = stored.iter().take(50).map(|r| r["id"].clone()).collect();
+    assert_eq!(first.as_array().cloned().unwrap_or_default(), want);
+    let text = exec(&d, &sid, "return document.getElementById('table').textContent;");
+    assert!(text.as_str().is_some_and(|t| t.contains("<img src=x onerror=alert(1)></script>")), "the payload shows as text");
+    assert!(exec(&d, &sid, "return document.getElementById('page-info').textContent;").as_str().is_some_and(|t| t.contains("80 matching")));
+    screenshot(&d, &sid, "view-records.png");
+
+    // Typed in the search box as a user would: one row, and the search is in the URL.
+    let q = wd(d.port, "POST", &format!("/session/{sid}/element"), Some(json!({"using": "css selector", "value": "#q"})));
+    let qid = q.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("the search box").to_owned();
+    wd(d.port, "POST", &format!("/session/{sid}/element/{qid}/value"), Some(json!({"text": "JUPITER 木星"})));
+    let found = wait_for(d.port, &sid, "the search's one row", "const r = document.querySelectorAll('#rows tr'); return r.length === 1 ? {id: r[0].children[1].textContent, hash: decodeURIComponent(location.hash)} : false;", Duration::from_secs(30));
+    assert_eq!(found["id"], "r58");
+    assert!(found["hash"].as_str().is_some_and(|h| h.contains("q=JUPITER+木星") || h.contains("q=JUPITER 木星")), "{found}");
+
+    // Its record, whole: the response as stored.
+    exec(&d, &sid, "document.querySelector('#rows tr').click(); return true;");
+    let rec = wait_for(d.port, &sid, "the record view", "const b = document.getElementById('record-body'); return !document.getElementById('record').hidden && b.querySelectorAll('pre').length >= 2 ? {pres: [...b.querySelectorAll('pre')].map(p => p.textContent), hash: location.hash} : false;", Duration::from_secs(30));
+    let r58 = stored.iter().find(|r| r["id"] == "r58").expect("r58");
+    assert!(rec["pres"].as_array().is_some_and(|p| p.iter().any(|x| x == &r58["response"])), "{rec}");
+    assert!(rec["hash"].as_str().is_some_and(|h| h.contains("rec=")), "the open record is in the URL too");
+    screenshot(&d, &sid, "view-record.png");
+
+    // A shared link: the same URL in a new page shows the same row and record.
+    let link = exec(&d, &sid, "return location.href;");
+    wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": "about:blank"})));
+    wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": link})));
+    let again = wait_for(d.port, &sid, "the shared link", "const r = document.querySelectorAll('#rows tr'); return r.length === 1 && !document.getElementById('record').hidden ? {id: r[0].children[1].textContent} : false;", Duration::from_secs(30));
+    assert_eq!(again["id"], "r58");
+
+    // The summary, its histograms drawn.
+    exec(&d, &sid, "document.getElementById('tab-summary').click(); return true;");
+    let bars = wait_for(d.port, &sid, "the summary's charts", "const c = document.querySelectorAll('svg.hist rect').length; return c > 0 ? {count: c, text: document.getElementById('summary').textContent} : false;", Duration::from_secs(30));
+    assert!(bars["text"].as_str().is_some_and(|t| t.contains("80 records")), "{bars}");
+    screenshot(&d, &sid, "view-summary.png");
+    assert_eq!(exec(&d, &sid, "return document.querySelectorAll('img').length;"), 0, "no element made of model or input text");
+    wd(d.port, "DELETE", &format!("/session/{sid}"), None);
+    let _ = view.kill();
+    let _ = view.wait();
 }
 
 /// Standard base64 (the screenshot WebDriver sends) to bytes.
