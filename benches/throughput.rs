@@ -9,6 +9,7 @@
 //!   BENCH_REQUESTS=20000 BENCH_RECORDS=1000000 BENCH_RESUME_ROWS=100000,1000000 cargo bench
 //!   BENCH_ONLY=resume BENCH_KEEP=1 cargo bench   # one section; keep the resume folder to profile
 //!   BENCH_SERVE=1 cargo bench                    # only the fake server, to profile the binary by hand
+//!   BENCH_ONLY=live,view BENCH_LIVE_ROWS=10000 BENCH_VIEW_MB=1000 cargo bench   # the browser pages
 
 #[path = "../tests/support/fake_ollama.rs"]
 mod fake_ollama;
@@ -41,16 +42,23 @@ struct Measured {
 
 /// Runs the binary, sampling its peak resident memory from /proc while it runs, and reaping it
 /// with wait4 for its CPU time.
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child does not know of
 fn run_measured(args: &[&str], dir: &Path) -> Measured {
+    run_measured_with(args, dir, Stdio::null(), |_| ()).0
+}
+
+/// [`run_measured`], with `started` given the child as soon as it runs (to read its stderr, to
+/// connect to it); what `started` returns is kept until the child ends.
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's Child does not know of
+fn run_measured_with<T>(args: &[&str], dir: &Path, stderr: Stdio, started: impl FnOnce(&mut std::process::Child) -> T) -> (Measured, T) {
     let start = Instant::now();
-    let child = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("spawn data_generator");
+    let kept = started(&mut child);
     let pid = child.id() as libc::pid_t;
     let mut peak = 0u64;
     loop {
@@ -64,7 +72,7 @@ fn run_measured(args: &[&str], dir: &Path) -> Measured {
             let cpu = tv(usage.ru_utime) + tv(usage.ru_stime);
             let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
             // (Not ru_maxrss: it counts the bench's own pages that the child held between fork and exec.)
-            return Measured { took: start.elapsed(), cpu, peak_kb: peak, ok };
+            return (Measured { took: start.elapsed(), cpu, peak_kb: peak, ok }, kept);
         }
         assert!(r == 0, "wait4 failed: {}", std::io::Error::last_os_error());
         std::thread::sleep(Duration::from_millis(5));
@@ -260,7 +268,7 @@ fn main() {
     let requests = env_num("BENCH_REQUESTS", 2_000);
     let records = env_num("BENCH_RECORDS", 200_000);
     let dir = tempfile::tempdir().expect("tempdir");
-    // BENCH_ONLY=generate,stages,dataset,resume picks sections (default: all).
+    // BENCH_ONLY=generate,stages,dataset,resume,live,view picks sections (default: all).
     let only = std::env::var("BENCH_ONLY").ok();
     let want = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s.trim() == section));
 
@@ -334,7 +342,15 @@ fn main() {
         stage_figures(dir.path(), requests);
     }
 
-    // 4. Large batches before their first request.
+    // 4. The browser pages: a run with --serve and a page that never reads; view of a large dataset.
+    if want("live") {
+        live_figures(dir.path(), env_num("BENCH_LIVE_ROWS", 10_000));
+    }
+    if want("view") {
+        view_figures(dir.path(), env_num("BENCH_VIEW_MB", 1000));
+    }
+
+    // 5. Large batches before their first request.
     let sizes = std::env::var("BENCH_RESUME_ROWS").unwrap_or_else(|_| "100000".into());
     for rows in sizes.split(',').filter_map(|n| n.trim().parse::<u64>().ok()).filter(|_| want("resume")) {
         resume_figures(rows);
@@ -447,4 +463,168 @@ fn dataset_figures(dir: &Path, records: u64) {
             if ok { "" } else { "  (FAILED)" }
         );
     }
+}
+
+/// Reads the child's stderr until a line starting with `prefix`: the rest of it (a URL). The
+/// rest of stderr is drained by a thread, so the child never blocks on it.
+fn url_from_stderr(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(child.stderr.take().expect("stderr piped"));
+    let mut line = String::new();
+    let url = loop {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            panic!("the binary ended before printing {prefix:?}");
+        }
+        if let Some(u) = line.trim_end().strip_prefix(prefix) {
+            break u.to_owned();
+        }
+    };
+    std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
+    url
+}
+
+/// host:port of a printed http:// URL.
+fn host_of(url: &str) -> String {
+    url.trim_start_matches("http://").split('/').next().unwrap_or_default().to_owned()
+}
+
+/// A plain HTTP/1.0 GET: the body.
+fn http_get(host: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(host).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.split_once("\r\n\r\n").map(|b| b.1.to_owned()).unwrap_or_default()
+}
+
+/// A run of `rows` short requests without --serve, with it and no page, and with a page that
+/// connects to the event stream and never reads (its receive buffer as small as the kernel
+/// allows): the page must cost neither time nor memory.
+fn live_figures(dir: &Path, rows: u64) {
+    let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("live-rows.jsonl")).expect("rows"));
+    for i in 0..rows {
+        writeln!(f, "{{\"id\":\"r{i}\",\"question\":\"Question number {i}: why?\"}}").expect("write");
+    }
+    f.flush().expect("flush");
+    drop(f);
+    for (label, serve, stalled) in [("no --serve", false, false), ("--serve, no page", true, false), ("--serve, a stalled page", true, true)] {
+        let out = format!("out-live-{}", label.len());
+        let _ = std::fs::remove_dir_all(dir.join(&out));
+        std::fs::write(
+            dir.join("live.toml"),
+            format!(
+                "name = \"live\"\n[backend]\nkind = \"ollama\"\nurl = \"{}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
+                 [prompts]\ntemplate_text = \"{{{{ question }}}}\"\n[input]\npath = \"live-rows.jsonl\"\nid_field = \"id\"\n\
+                 [run]\nconcurrency = 8\n[output]\ndir = \"{out}\"\n",
+                fake.url()
+            ),
+        )
+        .expect("config");
+        let mut args = vec!["--config", "live.toml", "--progress", "none"];
+        if serve {
+            args.extend(["--serve", "127.0.0.1:0"]);
+        }
+        let (m, _page) = run_measured_with(&args, dir, if serve { Stdio::piped() } else { Stdio::null() }, |child| {
+            if !serve {
+                return None;
+            }
+            let host = host_of(&url_from_stderr(child, "live view: "));
+            let s = std::net::TcpStream::connect(&host).expect("connect");
+            if stalled {
+                use std::os::fd::AsRawFd;
+                let small: libc::c_int = 1;
+                // SAFETY: setsockopt on our own socket with a pointer to a local int.
+                unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, (&small as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+                let mut w = &s;
+                write!(w, "GET /api/events HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("write");
+            }
+            Some(s)
+        });
+        let secs = m.took.as_secs_f64();
+        println!(
+            "live {label:<24}: {rows} requests in {secs:>6.2} s = {:>5.0} req/s; CPU {:>5.2} s; peak RSS {:>5.1} MB{}",
+            rows as f64 / secs,
+            m.cpu.as_secs_f64(),
+            m.peak_kb as f64 / 1024.0,
+            if m.ok { "" } else { "  (FAILED)" }
+        );
+    }
+}
+
+/// `view` of a dataset of about `size_mb` MB (records of ~2.8 KB): the time to serve, to the
+/// first page, to the whole index; searches (a word in one record, words in every record, the
+/// next page of that); a filter; the memory it took.
+fn view_figures(dir: &Path, size_mb: u64) {
+    let ds = dir.join("view-big");
+    std::fs::create_dir_all(&ds).expect("mkdir");
+    let words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "river", "mountain", "日本語", "café", "neural", "network", "gradient", "descent"];
+    let mut f = std::io::BufWriter::new(std::fs::File::create(ds.join("dataset.jsonl")).expect("dataset"));
+    let (mut n, mut size, mut x) = (0u64, 0u64, 1u64);
+    let mut response = String::new();
+    while size < size_mb * 1_000_000 {
+        response.clear();
+        for _ in 0..300 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            response.push_str(words[(x >> 60) as usize]);
+            response.push(' ');
+        }
+        if size + 4000 >= size_mb * 1_000_000 {
+            response.push_str("zanzibar");
+        }
+        let line = format!(
+            r#"{{"id":"row-{n}","sample":0,"model":"m","system":null,"prompt":"Question {n}: tell me about rivers?","response":"{response}","thinking":null,"done_reason":"{}","prompt_tokens":9,"completion_tokens":300,"duration_ms":900,"attempts":1,"finished_at":"2026-11-22T00:00:00.000Z","seed":1,"eval_duration_ms":800.0,"key":"{n:032x}","input":{{"q":"Question {n}"}}}}"#,
+            if n % 17 == 0 { "length" } else { "stop" }
+        );
+        writeln!(f, "{line}").expect("write");
+        size += line.len() as u64 + 1;
+        n += 1;
+    }
+    f.flush().expect("flush");
+    drop(f);
+    let start = Instant::now();
+    let mut child = Command::new(BIN).args(["view", "view-big", "--serve", "127.0.0.1:0"]).current_dir(dir).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn view");
+    let host = host_of(&url_from_stderr(&mut child, "view: "));
+    let served = start.elapsed();
+    let first_page = loop {
+        if http_get(&host, "/api/records?per=50").contains("\"id\":\"row-") {
+            break start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let indexed = loop {
+        if http_get(&host, "/api/info").contains("\"indexing\":false") {
+            break start.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let timed = |path: &str| {
+        let t = Instant::now();
+        let body = http_get(&host, path);
+        let total = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["total"].as_u64()).unwrap_or(0);
+        (t.elapsed().as_secs_f64(), total)
+    };
+    let rare = timed("/api/records?q=zanzibar");
+    let common = timed("/api/records?q=fox+river");
+    let common_next = timed("/api/records?q=fox+river&page=2");
+    let unicode = timed("/api/records?q=caf%C3%A9+%E6%97%A5%E6%9C%AC%E8%AA%9E");
+    let filter = timed("/api/records?done_reason=length&page=100");
+    let peak = peak_kb(child.id()).unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "view {n} records ({:.0} MB): served in {:.2} s, first page {:.2} s, indexed {:.2} s; peak RSS {:.1} MB",
+        size as f64 / 1e6,
+        served.as_secs_f64(),
+        first_page.as_secs_f64(),
+        indexed.as_secs_f64(),
+        mb(peak)
+    );
+    println!(
+        "view search: a word in {} record {:.2} s; two words in {} records {:.2} s (its next page {:.3} s); two non-ASCII words in {} {:.2} s; a filter ({} records) {:.3} s",
+        rare.1, rare.0, common.1, common.0, common_next.0, unicode.1, unicode.0, filter.1, filter.0
+    );
 }
