@@ -10,6 +10,7 @@
 //!   BENCH_ONLY=resume BENCH_KEEP=1 cargo bench   # one section; keep the resume folder to profile
 //!   BENCH_SERVE=1 cargo bench                    # only the fake server, to profile the binary by hand
 //!   BENCH_ONLY=live,view BENCH_LIVE_ROWS=10000 BENCH_VIEW_MB=1000 cargo bench   # the browser pages
+//!   BENCH_ONLY=fake,linear BENCH_LINEAR_ROWS=1000,10000,100000 cargo bench   # the fake alone; costs as sizes grow
 
 #[path = "../tests/support/fake_ollama.rs"]
 mod fake_ollama;
@@ -268,12 +269,19 @@ fn main() {
     let requests = env_num("BENCH_REQUESTS", 2_000);
     let records = env_num("BENCH_RECORDS", 200_000);
     let dir = tempfile::tempdir().expect("tempdir");
-    // BENCH_ONLY=generate,stages,dataset,resume,live,view picks sections (default: all).
+    // BENCH_ONLY=fake,generate,linear,stages,dataset,resume,live,view picks sections (default: all).
     let only = std::env::var("BENCH_ONLY").ok();
     let want = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s.trim() == section));
 
-    // 1. Generation: a fake Ollama answering at once, ~80 tokens a reply, cut into small writes.
-    let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
+    // 1. Generation: the fake in speed mode, answering at once with 80 pre-rendered tokens a
+    // reply, one write per token (as a real server streams them).
+    let fake = fast_fake();
+    if want("generate") || want("fake") {
+        for kind in ["ollama", "openai"] {
+            let (tps, rps) = fake_alone(&fake, kind, 8, Duration::from_secs(3));
+            println!("fake server alone, {kind:<6}: {rps:>6.0} req/s, {tps:>8.0} tokens/s (8 raw clients that only read; 80 tokens a reply)");
+        }
+    }
     let mut rows = std::io::BufWriter::new(std::fs::File::create(dir.path().join("rows.jsonl")).expect("rows"));
     for i in 0..requests {
         writeln!(rows, "{{\"id\":\"r{i}\",\"question\":\"Question number {i}: why?\"}}").expect("write");
@@ -330,6 +338,11 @@ fn main() {
         }
     }
     drop(fake);
+
+    // Cost per token and per request as replies grow and as the batch grows.
+    if want("linear") {
+        linear_figures(dir.path());
+    }
 
     // 2. A large dataset through inspect and export.
     if want("dataset") {
@@ -627,4 +640,99 @@ fn view_figures(dir: &Path, size_mb: u64) {
         "view search: a word in {} record {:.2} s; two words in {} records {:.2} s (its next page {:.3} s); two non-ASCII words in {} {:.2} s; a filter ({} records) {:.3} s",
         rare.1, rare.0, common.1, common.0, common_next.0, unicode.1, unicode.0, filter.1, filter.0
     );
+}
+
+/// The fake in speed mode (pre-rendered replies, one write per token, nothing recorded).
+fn fast_fake() -> fake_ollama::FakeOllama {
+    fake_ollama::FakeOllama::start(fake_ollama::Options { fast: true, ..Default::default() })
+}
+
+/// What the fake serves alone: `clients` threads that send a streamed chat request, read the
+/// reply to its end and send the next, for `how_long`. Tokens/s and requests/s.
+fn fake_alone(fake: &fake_ollama::FakeOllama, kind: &str, clients: usize, how_long: Duration) -> (f64, f64) {
+    use std::io::Read;
+    let (path, body) = match kind {
+        "openai" => ("/v1/chat/completions", r#"{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#),
+        _ => ("/api/chat", r#"{"model":"fake-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#),
+    };
+    let req = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let addr = fake.addr;
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let req = req.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                let mut buf = Vec::with_capacity(1 << 16);
+                while start.elapsed() < how_long {
+                    let Ok(mut s) = std::net::TcpStream::connect(addr) else { continue };
+                    if s.write_all(req.as_bytes()).is_err() {
+                        continue;
+                    }
+                    buf.clear();
+                    if s.read_to_end(&mut buf).is_ok() && buf.ends_with(b"0\r\n\r\n") {
+                        n += 1;
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let n: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    let secs = start.elapsed().as_secs_f64();
+    (n as f64 * 80.0 / secs, n as f64 / secs)
+}
+
+/// One generation run against the fast fake: `rows` requests of `tokens` tokens each, at
+/// `concurrency`. Prints CPU per token and per request and peak RSS.
+fn linear_run(dir: &Path, fake: &fake_ollama::FakeOllama, kind: &str, label: &str, rows: u64, tokens: u64, concurrency: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(dir.join("linear-rows.jsonl")).expect("rows"));
+    for i in 0..rows {
+        writeln!(f, "{{\"id\":\"r{i}\",\"question\":\"Question {i} [[tokens={tokens}]]\"}}").expect("write");
+    }
+    f.flush().expect("flush");
+    drop(f);
+    let out = "out-linear";
+    let _ = std::fs::remove_dir_all(dir.join(out));
+    std::fs::write(
+        dir.join("linear.toml"),
+        format!(
+            "name = \"linear\"\n[backend]\nkind = \"{kind}\"\nurl = \"{}{}\"\nmodel = \"fake-model\"\n[options]\nseed = 1\n\
+             [prompts]\ntemplate_text = \"{{{{ question }}}}\"\n[input]\npath = \"linear-rows.jsonl\"\nid_field = \"id\"\n\
+             [run]\nconcurrency = {concurrency}\n[output]\ndir = \"{out}\"\nformats = [\"jsonl\"]\n",
+            fake.url(),
+            if kind == "openai" { "/v1" } else { "" }
+        ),
+    )
+    .expect("config");
+    let m = run_measured(&["--config", "linear.toml", "--progress", "none"], dir);
+    let total = rows * tokens;
+    let cpu_us = m.cpu.as_secs_f64() * 1e6;
+    println!(
+        "linear {kind:<6} {label:<34}: {rows:>7} requests x {tokens:>6} tokens in {:>6.2} s = {:>7.0} tokens/s; CPU {:>5.2} us/token, {:>6.0} us/request; peak RSS {:>6.1} MB{}",
+        m.took.as_secs_f64(),
+        total as f64 / m.took.as_secs_f64(),
+        cpu_us / total.max(1) as f64,
+        cpu_us / rows.max(1) as f64,
+        m.peak_kb as f64 / 1024.0,
+        if m.ok { "" } else { "  (FAILED)" }
+    );
+}
+
+/// Costs as the reply grows (10 to 10,000 tokens, ~200,000 tokens a line; then one reply of
+/// ~1 MB at a time) and as the batch grows (`BENCH_LINEAR_ROWS` requests of 80 tokens).
+fn linear_figures(dir: &Path) {
+    let fake = fast_fake();
+    for kind in ["ollama", "openai"] {
+        for tokens in [10u64, 100, 1000, 10_000] {
+            linear_run(dir, &fake, kind, &format!("reply length {tokens}"), 200_000 / tokens, tokens, 8);
+        }
+    }
+    // ~1.1 MB of text a reply (5.5 bytes a token), one at a time, against 10-token replies.
+    linear_run(dir, &fake, "ollama", "memory: 10-token replies, one at a time", 20, 10, 1);
+    linear_run(dir, &fake, "ollama", "memory: ~1 MB replies, one at a time", 4, 200_000, 1);
+    let sizes = std::env::var("BENCH_LINEAR_ROWS").unwrap_or_else(|_| "1000,10000,100000".into());
+    for rows in sizes.split(',').filter_map(|n| n.trim().parse::<u64>().ok()) {
+        linear_run(dir, &fake, "ollama", &format!("batch of {rows}"), rows, 80, 8);
+    }
 }

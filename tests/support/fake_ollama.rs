@@ -56,6 +56,11 @@ pub struct Options {
     pub seed: u64,
     /// Like llama-cpp-python's server: `response_format` of type `json_schema` is refused (500).
     pub json_object_only: bool,
+    /// Speed mode, for the benchmarks: every streamed reply is the same pre-rendered text of
+    /// `fast_tokens` tokens (or N with `[[tokens=N]]` in the prompt), one write per token as a
+    /// real server sends them, nothing recorded (`seen` stays empty) and no directives.
+    pub fast: bool,
+    pub fast_tokens: usize,
 }
 
 impl Default for Options {
@@ -67,6 +72,8 @@ impl Default for Options {
             stall: Duration::from_secs(30),
             seed: 1,
             json_object_only: false,
+            fast: false,
+            fast_tokens: 80,
         }
     }
 }
@@ -397,6 +404,24 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
     let Some((method, path, body, authorization)) = read_request(&mut sock).await? else { return Ok(()) };
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let prompt = user_prompt(&path, &body);
+    if opts.fast && method == "POST" && body.get("stream") != Some(&json!(false)) {
+        let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
+        let kind = match path.as_str() {
+            "/api/chat" => Some(FastKind::Chat),
+            "/api/generate" => Some(FastKind::Generate),
+            "/v1/chat/completions" => Some(FastKind::OpenAi),
+            _ => None,
+        };
+        if let Some(kind) = kind.filter(|_| opts.models.iter().any(|m| m == model)) {
+            let n = prompt.as_deref().and_then(|p| p.split("[[tokens=").nth(1)).and_then(|r| r.split("]]").next()).and_then(|n| n.parse().ok()).unwrap_or(opts.fast_tokens);
+            let reply = fast_reply(kind, model, n);
+            sock.write_all(&reply.head).await?;
+            for c in &reply.chunks {
+                sock.write_all(c).await?;
+            }
+            return sock.shutdown().await;
+        }
+    }
     let attempt = {
         let mut st = state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
         st.seen.push(SeenRequest { method: method.clone(), path: path.clone(), body: body.clone(), prompt: prompt.clone(), authorization });
@@ -488,6 +513,75 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
         }
         _ => respond_json(&mut sock, 404, "", &json!({"error": "404 page not found"})).await,
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum FastKind {
+    Chat,
+    Generate,
+    OpenAi,
+}
+
+/// A reply of speed mode, rendered once: the head, then one HTTP chunk per token (and the last
+/// ones: the done line or the finish, usage and `[DONE]` events, and the chunked end).
+struct FastReply {
+    head: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+}
+
+/// The words of speed mode's replies, one a token.
+const FAST_WORDS: &[&str] = &["The ", "sky ", "is ", "blue ", "because ", "air ", "scatters ", "short ", "waves ", "more; ", "日本語 ", "café, ", "\"quoted\" ", "and\n", "🎉 "];
+
+fn fast_reply(kind: FastKind, model: &str, n: usize) -> Arc<FastReply> {
+    static CACHE: std::sync::LazyLock<Mutex<HashMap<(FastKind, String, usize), Arc<FastReply>>>> = std::sync::LazyLock::new(Default::default);
+    let key = (kind, model.to_owned(), n);
+    if let Some(r) = CACHE.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return r;
+    }
+    let chunk = |frame: String| format!("{:x}\r\n{frame}\r\n", frame.len()).into_bytes();
+    let words = (0..n).map(|i| FAST_WORDS[i % FAST_WORDS.len()]);
+    let mut chunks = Vec::with_capacity(n + 4);
+    let content_type = match kind {
+        FastKind::OpenAi => {
+            let ev = |delta: Value, finish: Value| {
+                let v = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+                format!("data: {v}\n\n")
+            };
+            chunks.push(chunk(ev(json!({"role": "assistant", "content": ""}), Value::Null)));
+            chunks.extend(words.map(|w| chunk(ev(json!({"content": w}), Value::Null))));
+            chunks.push(chunk(ev(json!({}), json!("stop"))));
+            let usage = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model, "choices": [],
+                               "usage": {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": n + 9}});
+            chunks.push(chunk(format!("data: {usage}\n\ndata: [DONE]\n\n")));
+            "text/event-stream"
+        }
+        FastKind::Chat | FastKind::Generate => {
+            let line = |w: &str| -> Value {
+                if kind == FastKind::Generate {
+                    json!({"model": model, "created_at": "2025-10-26T17:15:24.09Z", "response": w, "done": false})
+                } else {
+                    json!({"model": model, "created_at": "2025-10-26T17:15:24.09Z", "message": {"role": "assistant", "content": w}, "done": false})
+                }
+            };
+            chunks.extend(words.map(|w| chunk(format!("{}\n", line(w)))));
+            let mut last = line("");
+            last["done"] = json!(true);
+            last["done_reason"] = json!("stop");
+            last["total_duration"] = json!(4_883_583_458u64);
+            last["prompt_eval_count"] = json!(9);
+            last["eval_count"] = json!(n);
+            last["eval_duration"] = json!(4_535_599_000u64);
+            chunks.push(chunk(format!("{last}\n")));
+            "application/x-ndjson"
+        }
+    };
+    chunks.push(b"0\r\n\r\n".to_vec());
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{FAKE_HEADER}Connection: close\r\n\r\n").into_bytes();
+    let r = Arc::new(FastReply { head, chunks });
+    if let Ok(mut c) = CACHE.lock() {
+        c.insert(key, r.clone());
+    }
+    r
 }
 
 /// An OpenAI-style streamed reply, in SSE with the variations servers use.

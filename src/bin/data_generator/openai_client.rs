@@ -7,6 +7,7 @@
 //! without `[DONE]` or a `finish_reason` is truncated. When the server sends no usage, the content
 //! pieces are counted instead and the count is marked estimated.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use data_generator::sse::{SseEvent, SseParser};
 use futures::future::BoxFuture;
 use futures::stream::{Stream, StreamExt};
 use futures::FutureExt;
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 pub struct OpenAiClient {
@@ -236,6 +238,78 @@ impl Reply {
     }
 }
 
+/// A streamed chat completion chunk, as servers send it (unknown fields skipped).
+#[derive(Deserialize)]
+struct TypedEvent<'a> {
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<TypedChoice<'a>>>,
+    #[serde(default)]
+    usage: Option<TypedUsage>,
+    #[serde(default)]
+    timings: Option<TypedTimings>,
+}
+
+#[derive(Deserialize)]
+struct TypedChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<TypedDelta<'a>>,
+    #[serde(default, borrow)]
+    message: Option<TypedDelta<'a>>,
+    #[serde(default, borrow)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct TypedDelta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning_content: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    reasoning: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct TypedUsage {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct TypedTimings {
+    predicted_ms: Option<f64>,
+}
+
+impl TypedEvent<'_> {
+    /// What [`decode_event`]'s lenient path does with the same event.
+    fn apply(self, reply: &mut Reply) -> Vec<Chunk> {
+        let mut out = Vec::new();
+        if let Some(choice) = self.choices.and_then(|c| c.into_iter().next()) {
+            if let Some(d) = choice.delta.or(choice.message) {
+                if let Some(t) = d.reasoning_content.or(d.reasoning).filter(|t| !t.is_empty()) {
+                    out.push(Chunk::Thinking(t.into_owned()));
+                }
+                if let Some(c) = d.content.filter(|c| !c.is_empty()) {
+                    reply.pieces += 1;
+                    out.push(Chunk::Content(c.into_owned()));
+                }
+            }
+            if let Some(r) = choice.finish_reason {
+                reply.finish_reason = Some(r.into_owned());
+            }
+        }
+        if let Some(u) = self.usage {
+            reply.usage = Some((u.prompt_tokens, u.completion_tokens));
+        }
+        if let Some(ms) = self.timings.and_then(|t| t.predicted_ms) {
+            reply.predicted_ms = Some(ms);
+        }
+        out
+    }
+}
+
 /// Turns one SSE event into chunks; Err for an error event.
 fn decode_event(ev: &SseEvent, reply: &mut Reply) -> Result<Vec<Chunk>, ClientError> {
     let data = ev.data.trim();
@@ -245,6 +319,13 @@ fn decode_event(ev: &SseEvent, reply: &mut Reply) -> Result<Vec<Chunk>, ClientEr
     }
     if data.is_empty() {
         return Ok(Vec::new());
+    }
+    // The usual event, decoded typed and borrowed (no `Value` tree, no copy of unescaped text);
+    // anything it does not fit (an error, odd types) goes the lenient way below.
+    if let Ok(e) = serde_json::from_str::<TypedEvent>(data) {
+        if e.error.is_none() && ev.event != "error" {
+            return Ok(e.apply(reply));
+        }
     }
     let v: Value = serde_json::from_str(data).map_err(|e| ClientError::Decode {
         message: e.to_string(),
