@@ -11,6 +11,7 @@ fn main() {
     let mut port = 11434u16;
     let mut delay_ms = 20u64;
     let mut models: Vec<String> = Vec::new();
+    let mut fast = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| usage(&format!("{a} needs a value")));
@@ -18,11 +19,12 @@ fn main() {
             "--port" => port = value().parse().unwrap_or_else(|_| usage("--port takes a number")),
             "--token-delay-ms" => delay_ms = value().parse().unwrap_or_else(|_| usage("--token-delay-ms takes a number")),
             "--model" => models.push(value()),
+            "--fast" => fast = true,
             "-h" | "--help" => help(),
             other => usage(&format!("unknown argument {other}")),
         }
     }
-    let mut opts = fake_ollama::Options { token_delay: Duration::from_millis(delay_ms), ..Default::default() };
+    let mut opts = fake_ollama::Options { token_delay: Duration::from_millis(delay_ms), fast, ..Default::default() };
     opts.models.extend(models);
     let addr = format!("127.0.0.1:{port}");
     // A port in use is the usual mistake: say so, instead of the test helper's panic.
@@ -37,7 +39,7 @@ fn main() {
     }
 }
 
-const USAGE: &str = "usage: fake_ollama [--port 11434] [--token-delay-ms 20] [--model NAME]...";
+const USAGE: &str = "usage: fake_ollama [--port 11434] [--token-delay-ms 20] [--model NAME]... [--fast]";
 
 const HELP: &str = "\
 The test suite's fake Ollama, to try data_generator without a model: it answers every prompt
@@ -49,6 +51,9 @@ Options:
   --port N             port on 127.0.0.1 (default 11434; 0 = any free port)
   --token-delay-ms MS  pause between streamed tokens (default 20)
   --model NAME         a model it knows, besides fake-model (repeatable)
+  --fast               speed mode, for benchmarks: every reply is the same pre-rendered text,
+                       80 tokens (or N with [[tokens=N]] in the prompt), at once, one write per
+                       token; no directives, no delay
   -h, --help           this help
 
 Directives in a prompt make it misbehave: [[NAME]] on every attempt, [[NAMExN]] on the first N

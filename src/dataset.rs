@@ -230,16 +230,47 @@ impl JsonlFile {
     }
 
     pub fn append<T: serde::Serialize>(&mut self, value: &T) -> io::Result<()> {
+        self.append_sized(value, 0)
+    }
+
+    /// [`JsonlFile::append`] of a value whose line is about `hint` bytes: a long one is
+    /// measured first and its buffer made to size (not doubled past it), and not kept after.
+    pub fn append_sized<T: serde::Serialize>(&mut self, value: &T, hint: usize) -> io::Result<()> {
         self.buf.clear();
+        if hint > LONG_LINE {
+            let mut n = Count(0);
+            serde_json::to_writer(&mut n, value)?;
+            self.buf.reserve_exact(n.0 + 1);
+        }
         serde_json::to_writer(&mut self.buf, value)?;
         self.buf.push(b'\n');
-        self.file.append(&self.buf)
+        let r = self.file.append(&self.buf);
+        if self.buf.capacity() > LONG_LINE {
+            self.buf = Vec::with_capacity(4096);
+        }
+        r
+    }
+}
+
+/// Lines longer than this are sized before they are written, and their buffers not kept.
+const LONG_LINE: usize = 64 * 1024;
+
+/// A writer that only counts bytes.
+struct Count(usize);
+
+impl io::Write for Count {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 impl RecordSink for JsonlFile {
     fn write(&mut self, record: &Record) -> io::Result<()> {
-        self.append(record)
+        self.append_sized(record, record.text_len())
     }
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync()
@@ -261,10 +292,13 @@ pub struct CsvFile {
 pub fn csv_bytes<I, T>(fields: I) -> io::Result<Vec<u8>>
 where
     I: IntoIterator<Item = T>,
-    T: AsRef<[u8]>,
+    T: AsRef<str>,
 {
-    let mut w = csv::WriterBuilder::new().has_headers(false).buffer_capacity(1024).from_writer(Vec::new());
-    w.write_record(fields).map_err(io::Error::other)?;
+    let fields: Vec<T> = fields.into_iter().collect();
+    // Sized for the fields and some quoting: a long reply's row is not doubled past its size.
+    let len: usize = fields.iter().map(|f| f.as_ref().len()).sum();
+    let mut w = csv::WriterBuilder::new().has_headers(false).buffer_capacity(1024).from_writer(Vec::with_capacity(len + len / 16 + 64));
+    w.write_record(fields.iter().map(|f| f.as_ref().as_bytes())).map_err(io::Error::other)?;
     w.into_inner().map_err(|e| io::Error::other(e.to_string()))
 }
 

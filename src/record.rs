@@ -1,6 +1,8 @@
 //! What the dataset holds: one `Record` per (row, sample) that finished, one `Failure` per
 //! (row, sample) that ran out of retries.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -81,40 +83,49 @@ pub fn csv_columns(schema: bool) -> Vec<&'static str> {
 
 impl Record {
     /// The CSV row of a run with or without a schema ([`csv_columns`]): `parsed` as compact JSON.
-    pub fn csv_fields(&self, schema: bool) -> Vec<String> {
-        let mut row = self.csv_row().to_vec();
+    /// The texts are borrowed, not copied (a long reply is not held twice while it is written).
+    pub fn csv_fields(&self, schema: bool) -> Vec<Cow<'_, str>> {
+        let mut row: Vec<Cow<'_, str>> = self.csv_row().into();
         if schema {
-            row.push(self.parsed.as_ref().map(Value::to_string).unwrap_or_default());
-            row.push(self.invalid.map(|n| n.to_string()).unwrap_or_default());
+            row.push(self.parsed.as_ref().map(Value::to_string).unwrap_or_default().into());
+            row.push(self.invalid.map(|n| n.to_string()).unwrap_or_default().into());
         }
         row
     }
 
     /// The CSV row, in [`CSV_COLUMNS`] order; absent values are empty cells.
-    pub fn csv_row(&self) -> [String; 18] {
-        fn opt<T: ToString>(v: &Option<T>) -> String {
-            v.as_ref().map(ToString::to_string).unwrap_or_default()
+    pub fn csv_row(&self) -> [Cow<'_, str>; 18] {
+        fn opt<T: ToString>(v: &Option<T>) -> Cow<'static, str> {
+            v.as_ref().map(|v| Cow::Owned(v.to_string())).unwrap_or_default()
+        }
+        fn text(s: &Option<String>) -> Cow<'_, str> {
+            s.as_deref().map(Cow::Borrowed).unwrap_or_default()
         }
         [
-            self.id.clone(),
-            self.sample.to_string(),
-            self.model.clone(),
-            opt(&self.system),
-            self.prompt.clone(),
-            self.response.clone(),
-            opt(&self.thinking),
-            opt(&self.done_reason),
+            Cow::Borrowed(self.id.as_str()),
+            self.sample.to_string().into(),
+            Cow::Borrowed(self.model.as_str()),
+            text(&self.system),
+            Cow::Borrowed(self.prompt.as_str()),
+            Cow::Borrowed(self.response.as_str()),
+            text(&self.thinking),
+            text(&self.done_reason),
             opt(&self.prompt_tokens),
             opt(&self.completion_tokens),
-            self.duration_ms.to_string(),
-            self.attempts.to_string(),
-            self.finished_at.clone(),
+            self.duration_ms.to_string().into(),
+            self.attempts.to_string().into(),
+            Cow::Borrowed(self.finished_at.as_str()),
             opt(&self.seed),
             opt(&self.eval_duration_ms),
-            self.key.clone(),
-            opt(&self.endpoint),
-            self.tokens_estimated.to_string(),
+            Cow::Borrowed(self.key.as_str()),
+            text(&self.endpoint),
+            self.tokens_estimated.to_string().into(),
         ]
+    }
+
+    /// Bytes of text the record holds (prompts, reply, thinking): what its line is about as long as.
+    pub fn text_len(&self) -> usize {
+        self.prompt.len() + self.response.len() + self.system.as_ref().map_or(0, String::len) + self.thinking.as_ref().map_or(0, String::len)
     }
 }
 

@@ -198,6 +198,15 @@ const EXIT_SOME_FAILED: u8 = 3;
 const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
+    // A long reply's buffers (over 256 KB) get pages of their own, handed back to the system
+    // when freed. glibc would otherwise raise this threshold after the first such free, and keep
+    // every later long reply's memory in its heap: peak memory would grow with the longest reply
+    // seen, not with the replies in flight.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         None => run(cli.run),

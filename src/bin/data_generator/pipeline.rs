@@ -101,6 +101,9 @@ async fn get_student_response(
                 }
             }
             Chunk::Done(stats) => {
+                // Grown by doubling while it streamed: a long reply is kept at its size.
+                response.shrink_to_fit();
+                thinking.shrink_to_fit();
                 return Ok(Reply { response, thinking: (!thinking.is_empty()).then_some(thinking), stats, elapsed: started.elapsed() });
             }
         }
