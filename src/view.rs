@@ -41,9 +41,13 @@ const CHUNK: usize = 16 * 1024;
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// Searches whose hits are kept (the last ones used).
 const KEEP_SEARCHES: usize = 8;
+/// How often the summary of a file that keeps changing is made again.
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// Characters of prompt and response a table row shows.
 const HEAD_CHARS: usize = 240;
 pub const MAX_PER_PAGE: usize = 500;
+/// Stages are numbered in a byte of each entry (255 is "none").
+const MAX_STAGES: usize = 250;
 
 /// One line of a dataset, stage or failures file.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +86,30 @@ struct FileState {
     lines: u64,
     malformed: u64,
     first_malformed: Option<(u64, String)>,
+    /// The hash of the file's first bytes (up to 4 KB) as first indexed, and how many: a file
+    /// rewritten in place (same inode, as long or longer) shows as a different start.
+    head: (u64, u64),
+}
+
+/// Bytes of a file's start that tell a rewritten file from the one indexed.
+const HEAD_BYTES: u64 = 4096;
+
+/// A file's first `n` bytes, hashed.
+fn head_hash(path: &Path, n: u64) -> Option<u64> {
+    let f = File::open(path).ok()?;
+    let mut buf = vec![0u8; n as usize];
+    f.read_exact_at(&mut buf, 0).ok()?;
+    Some(fnv1a64(&[&buf]))
+}
+
+/// Whether the file still starts as it did, and its last indexed line still ends where it did.
+fn same_start(path: &Path, st: &FileState) -> bool {
+    let Ok(f) = File::open(path) else { return false };
+    let mut last = [0u8; 1];
+    if f.read_exact_at(&mut last, st.upto - 1).is_err() || last[0] != b'\n' {
+        return false;
+    }
+    head_hash(path, st.head.1) == Some(st.head.0)
 }
 
 #[derive(Default)]
@@ -93,13 +121,37 @@ struct Index {
     done_reasons: Vec<String>,
     /// The first pass over every file is done.
     complete: bool,
+    /// Requests with a failure line (several runs may each have failed one), and those of them
+    /// with no record since.
+    failed_requests: u64,
+    unresolved_requests: u64,
     error: Option<String>,
 }
 
-/// What the indexer alone keeps: failures by key, to mark those a record resolved.
+/// What the indexer alone keeps: failures by key (resolved yet, their entries), and the keys of
+/// every record (8 bytes each), for a failure that comes after the record that resolved it.
 #[derive(Default)]
 struct FailureKeys {
     by_key: HashMap<u64, (bool, Vec<u32>)>,
+    records: Vec<u64>,
+}
+
+/// A field of the wrong type reads as absent: one odd value does not hide a record.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Value(T),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Either<T>>::deserialize(d)? {
+        Some(Either::Value(v)) => Some(v),
+        _ => None,
+    })
 }
 
 /// The fields of a line the index keeps (borrowed: the texts are skipped, not copied).
@@ -108,8 +160,11 @@ struct FailureKeys {
 struct Light<'a> {
     #[serde(borrow)]
     done_reason: Option<Cow<'a, str>>,
+    #[serde(deserialize_with = "lenient")]
     completion_tokens: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
     invalid: Option<u64>,
+    #[serde(deserialize_with = "lenient")]
     kept: Option<bool>,
     #[serde(borrow)]
     key: Option<Cow<'a, str>>,
@@ -141,6 +196,7 @@ struct Texts<'a> {
 struct RowFields<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
+    #[serde(deserialize_with = "lenient")]
     sample: Option<u64>,
     #[serde(borrow)]
     model: Option<Cow<'a, str>>,
@@ -168,6 +224,8 @@ pub struct Dataset {
     index: RwLock<Index>,
     searches: Mutex<Vec<Search>>,
     summaries: Mutex<HashMap<String, Summary>>,
+    /// The indexer's own: held through a pass.
+    keys: Mutex<FailureKeys>,
     stop: AtomicBool,
 }
 
@@ -177,6 +235,8 @@ pub enum ViewError {
     NoFolder { path: PathBuf },
     #[error("{path}: no dataset here yet (expected dataset.jsonl, or stages/ of a multi-stage run)")]
     NotADataset { path: PathBuf },
+    #[error("{path}: {n} stages; view shows at most 250")]
+    TooManyStages { path: PathBuf, n: usize },
     #[error("{path}: this folder has only dataset.csv; view reads dataset.jsonl (add \"jsonl\" to output.formats, or open the CSV in a spreadsheet)")]
     CsvOnly { path: PathBuf },
 }
@@ -190,6 +250,9 @@ impl Dataset {
         }
         let mut files = Vec::new();
         let stages = crate::stages::stage_names(dir).unwrap_or_default();
+        if stages.len() > MAX_STAGES {
+            return Err(ViewError::TooManyStages { path: dir.to_owned(), n: stages.len() });
+        }
         if stages.is_empty() {
             let jsonl = dir.join("dataset.jsonl");
             if !jsonl.is_file() {
@@ -202,7 +265,7 @@ impl Dataset {
             files.push(FileSpec { path: jsonl, label: "dataset.jsonl".into(), stage: 0, failures: false });
         } else {
             for (i, s) in stages.iter().enumerate() {
-                files.push(FileSpec { path: crate::stages::stage_jsonl(dir, s), label: format!("stages/{s}.jsonl"), stage: i.min(254) as u8, failures: false });
+                files.push(FileSpec { path: crate::stages::stage_jsonl(dir, s), label: format!("stages/{s}.jsonl"), stage: i as u8, failures: false });
             }
         }
         files.push(FileSpec { path: dir.join("failures.jsonl"), label: "failures.jsonl".into(), stage: NONE, failures: true });
@@ -216,6 +279,7 @@ impl Dataset {
             index: RwLock::new(index),
             searches: Mutex::new(Vec::new()),
             summaries: Mutex::new(HashMap::new()),
+            keys: Mutex::new(FailureKeys::default()),
             stop: AtomicBool::new(false),
         }))
     }
@@ -230,7 +294,7 @@ impl Dataset {
 
     /// Indexes the files to their ends once (what [`Dataset::follow`] does first).
     pub fn index_now(&self) -> io::Result<()> {
-        let mut keys = FailureKeys::default();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         self.refresh(&mut keys)?;
         self.write_index().complete = true;
         Ok(())
@@ -241,9 +305,11 @@ impl Dataset {
     pub fn follow(self: &Arc<Self>) {
         let ds = self.clone();
         std::thread::spawn(move || {
-            let mut keys = FailureKeys::default();
             while !ds.stop.load(Ordering::Relaxed) {
-                let r = ds.refresh(&mut keys);
+                let r = {
+                    let mut keys = ds.keys.lock().unwrap_or_else(|p| p.into_inner());
+                    ds.refresh(&mut keys)
+                };
                 {
                     let mut ix = ds.write_index();
                     ix.complete = true;
@@ -258,15 +324,15 @@ impl Dataset {
         self.stop.store(true, Ordering::Relaxed);
     }
 
-    /// One pass: a file replaced or cut since the last pass sends the index back to the start;
-    /// then the new complete lines of every file (failures first: a record indexed after them
-    /// marks them resolved; they are listed last).
+    /// One pass: a file replaced, cut or rewritten since the last pass sends the index back to
+    /// the start; then the new complete lines of every file (failures first: a record of the
+    /// same key, before or after, marks them resolved; they are listed last).
     fn refresh(&self, keys: &mut FailureKeys) -> io::Result<()> {
         let metas: Vec<Option<(u64, u64)>> = self.files.iter().map(|f| std::fs::metadata(&f.path).ok().map(|m| (m.ino(), m.len()))).collect();
         let rebuild = {
             let ix = self.read_index();
-            metas.iter().zip(&ix.files).any(|(m, st)| match m {
-                Some((ino, len)) => st.upto > 0 && (*ino != st.ino || *len < st.upto),
+            metas.iter().zip(&ix.files).zip(&self.files).any(|((m, st), spec)| match m {
+                Some((ino, len)) => st.upto > 0 && (*ino != st.ino || *len < st.upto || !same_start(&spec.path, st)),
                 None => st.upto > 0,
             })
         };
@@ -287,43 +353,35 @@ impl Dataset {
             }
         }
         let fail_file = self.files.len() - 1;
+        let before = self.read_index().files[fail_file].clone();
         let mut failures = Vec::new();
         self.scan_new(fail_file, |e, light, _| {
             let h = light.key.as_deref().map(|k| fnv1a64(&[k.as_bytes()]));
             failures.push((e, h));
         })?;
-        for (_, h) in &failures {
-            if let Some(h) = h {
-                keys.by_key.entry(*h).or_default();
-            }
+        // New failures whose record came in an earlier pass: resolved already.
+        let fresh: std::collections::HashSet<u64> = failures.iter().filter_map(|(_, h)| *h).filter(|h| !keys.by_key.contains_key(h)).collect();
+        for h in &fresh {
+            keys.by_key.insert(*h, (false, Vec::new()));
         }
-        for f in 0..fail_file {
-            let mut pending: Vec<Entry> = Vec::new();
-            let mut resolved: Vec<u32> = Vec::new();
-            let mut first_chunk = true;
-            self.scan_new(f, |e, light, ix_len| {
-                if let Some(k) = light.key.as_deref() {
-                    if let Some((done, at)) = keys.by_key.get_mut(&fnv1a64(&[k.as_bytes()])) {
-                        *done = true;
-                        resolved.append(at);
+        if !fresh.is_empty() {
+            for h in &keys.records {
+                if fresh.contains(h) {
+                    if let Some(slot) = keys.by_key.get_mut(h) {
+                        slot.0 = true;
                     }
                 }
-                pending.push(e);
-                // Small chunks first: the first page shows at once.
-                if pending.len() >= CHUNK || pending.len() >= 512 && first_chunk {
-                    first_chunk = false;
-                    *ix_len = Some(std::mem::take(&mut pending));
-                }
-            })?;
-            let mut ix = self.write_index();
-            ix.entries.extend(pending);
-            for n in resolved {
-                if let Some(e) = ix.entries.get_mut(n as usize) {
-                    e.flags |= RESOLVED;
-                }
             }
         }
+        let records = self.scan_records(fail_file, keys);
         let mut ix = self.write_index();
+        if records.is_err() {
+            // Read again next pass, with the records.
+            ix.files[fail_file] = FileState { ino: ix.files[fail_file].ino, len: ix.files[fail_file].len, ..before };
+            return records;
+        }
+        ix.failed_requests = keys.by_key.len() as u64;
+        ix.unresolved_requests = keys.by_key.values().filter(|(done, _)| !done).count() as u64;
         for (mut e, h) in failures {
             let n = ix.entries.len() as u32;
             if let Some(h) = h {
@@ -335,6 +393,41 @@ impl Dataset {
                 }
             }
             ix.entries.push(e);
+        }
+        Ok(())
+    }
+
+    /// The new lines of the record files (all but the last, the failures), into the index in
+    /// chunks; a record whose key has a failure marks it resolved.
+    fn scan_records(&self, files: usize, keys: &mut FailureKeys) -> io::Result<()> {
+        for f in 0..files {
+            let mut pending: Vec<Entry> = Vec::new();
+            let mut resolved: Vec<u32> = Vec::new();
+            let mut first_chunk = true;
+            let r = self.scan_new(f, |e, light, flush| {
+                if let Some(k) = light.key.as_deref() {
+                    let h = fnv1a64(&[k.as_bytes()]);
+                    keys.records.push(h);
+                    if let Some((done, at)) = keys.by_key.get_mut(&h) {
+                        *done = true;
+                        resolved.append(at);
+                    }
+                }
+                pending.push(e);
+                // Small chunks first: the first page shows at once.
+                if pending.len() >= CHUNK || pending.len() >= 512 && first_chunk {
+                    first_chunk = false;
+                    *flush = Some(std::mem::take(&mut pending));
+                }
+            });
+            let mut ix = self.write_index();
+            ix.entries.extend(pending);
+            for n in resolved {
+                if let Some(e) = ix.entries.get_mut(n as usize) {
+                    e.flags |= RESOLVED;
+                }
+            }
+            r?;
         }
         Ok(())
     }
@@ -378,7 +471,7 @@ impl Dataset {
                         None => NONE,
                     };
                     let stage = if spec.failures {
-                        light.stage.as_deref().and_then(|s| self.stages.iter().position(|x| x == s)).map_or(if self.stages.is_empty() { 0 } else { NONE }, |i| i.min(254) as u8)
+                        light.stage.as_deref().and_then(|s| self.stages.iter().position(|x| x == s)).map_or(if self.stages.is_empty() { 0 } else { NONE }, |i| i as u8)
                     } else {
                         spec.stage
                     };
@@ -417,8 +510,12 @@ impl Dataset {
                 st.lines = line_no;
             }
         }
+        let head = if start == 0 && pos > 0 { head_hash(&spec.path, pos.min(HEAD_BYTES)).map(|h| (h, pos.min(HEAD_BYTES))) } else { None };
         let mut ix = self.write_index();
         let st = &mut ix.files[f];
+        if let Some(h) = head {
+            st.head = h;
+        }
         st.upto = pos;
         st.lines = line_no;
         st.malformed += malformed;
@@ -456,6 +553,7 @@ impl Dataset {
 
     /// The folder, its stages and files, how far the index is, and what the filters can offer.
     pub fn info(&self) -> Value {
+        let manifest: Value = std::fs::read(self.dir.join("manifest.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
         let ix = self.read_index();
         let mut done_counts = vec![0u64; ix.done_reasons.len()];
         let (mut records, mut failures, mut unresolved, mut no_done, mut judged) = (0u64, 0u64, 0u64, 0u64, 0u64);
@@ -495,7 +593,6 @@ impl Dataset {
                 })
             })
             .collect();
-        let manifest: Value = std::fs::read(self.dir.join("manifest.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
         let last_run = manifest["runs"].as_array().and_then(|r| r.last()).cloned();
         json!({
             "name": self.name,
@@ -508,6 +605,8 @@ impl Dataset {
             "records": records,
             "failures": failures,
             "unresolved_failures": unresolved,
+            "failed_requests": ix.failed_requests,
+            "unresolved_requests": ix.unresolved_requests,
             "done_reasons": done,
             "judged": judged,
             "model": manifest["config"]["backend"]["model"],
@@ -528,6 +627,8 @@ pub struct Query {
     /// `yes`, `no`, `unjudged`.
     pub kept: Option<String>,
     pub newest_first: bool,
+    /// Only the records of this id (exactly).
+    pub id: Option<String>,
     /// From 1.
     pub page: usize,
     pub per: usize,
@@ -559,7 +660,14 @@ impl Query {
                         }
                     }
                 }
-                "order" => q.newest_first = v == "newest",
+                "order" => {
+                    q.newest_first = match v {
+                        "newest" => true,
+                        "" | "oldest" => false,
+                        _ => return Err(format!("order={v}: expected newest or oldest")),
+                    }
+                }
+                "id" => q.id = (!v.is_empty()).then(|| v.to_owned()),
                 "page" => q.page = v.parse::<usize>().map_err(|_| format!("page={v}: expected a number from 1"))?.max(1),
                 "per" => q.per = v.parse::<usize>().map_err(|_| format!("per={v}: expected a number"))?.clamp(1, MAX_PER_PAGE),
                 _ => {}
@@ -570,7 +678,7 @@ impl Query {
 
     /// What the hits of a search depend on (not the page).
     fn search_key(&self) -> String {
-        format!("{:?}|{:?}|{:?}|{:?}|{}", self.status, self.stage, self.done_reason, self.kept, self.q)
+        format!("{:?}|{:?}|{:?}|{:?}|{:?}|{}", self.status, self.stage, self.done_reason, self.kept, self.id, self.q)
     }
 }
 
@@ -625,13 +733,15 @@ impl Filter {
 /// in the id, prompt, response or thinking (a failure: its error and last reply).
 struct Needle {
     terms: Vec<String>,
+    /// Only lines of this id.
+    id: Option<String>,
     /// The terms that can be looked for in the JSON text as it is: the prefilter.
     raw: Option<Vec<Vec<u8>>>,
     ascii: bool,
 }
 
 impl Needle {
-    fn new(q: &str) -> Needle {
+    fn new(q: &str, id: Option<&str>) -> Needle {
         let mut terms = Vec::new();
         let mut rest = q.trim();
         while !rest.is_empty() {
@@ -650,14 +760,16 @@ impl Needle {
         terms.retain(|t| !t.contains('\0'));
         // The terms that can be looked for in the raw line (printable ASCII but for the quote and
         // backslash that JSON escapes): a line without them all is skipped undecoded.
-        let raw: Vec<Vec<u8>> = terms.iter().filter(|t| t.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')).map(|t| t.as_bytes().to_vec()).collect();
+        let plain = |t: &str| t.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+        let mut raw: Vec<Vec<u8>> = terms.iter().filter(|t| plain(t)).map(|t| t.as_bytes().to_vec()).collect();
+        raw.extend(id.filter(|i| plain(i)).map(|i| i.to_ascii_lowercase().into_bytes()));
         let raw = (!raw.is_empty()).then_some(raw);
         let ascii = terms.iter().all(|t| t.is_ascii());
-        Needle { terms, raw, ascii }
+        Needle { terms, id: id.map(str::to_owned), raw, ascii }
     }
 
     fn is_empty(&self) -> bool {
-        self.terms.is_empty()
+        self.terms.is_empty() && self.id.is_none()
     }
 
     fn matches(&self, line: &[u8], scratch: &mut Vec<u8>) -> bool {
@@ -669,6 +781,9 @@ impl Needle {
             }
         }
         let Ok(t) = serde_json::from_slice::<Texts>(line) else { return false };
+        if self.id.as_deref().is_some_and(|id| id != t.id) {
+            return false;
+        }
         // The fields lowercased into one buffer, apart by NULs (no term holds one): ASCII
         // lowercasing when every term is ASCII (fast), Unicode's otherwise.
         scratch.clear();
@@ -731,13 +846,19 @@ impl<'a> LineReader<'a> {
             *slot = Some((BufReader::with_capacity(1 << 20, f), 0));
         }
         let Some((r, pos)) = slot.as_mut() else { unreachable!() };
-        if *pos != e.off {
-            r.seek_relative(e.off as i64 - *pos as i64)?;
+        let read = (|| {
+            if *pos != e.off {
+                r.seek_relative(e.off as i64 - *pos as i64)?;
+            }
+            buf.resize(e.len as usize, 0);
+            r.read_exact(buf)
+        })();
+        match read {
+            Ok(()) => *pos = e.off + u64::from(e.len),
+            // Where the reader is is unknown now: open afresh next time.
+            Err(_) => *slot = None,
         }
-        buf.resize(e.len as usize, 0);
-        r.read_exact(buf)?;
-        *pos = e.off + u64::from(e.len);
-        Ok(())
+        read
     }
 }
 
@@ -746,7 +867,7 @@ impl Dataset {
     /// with it, by reading the candidates' lines (the hits are kept for the next pages and
     /// extended as the index grows).
     fn select(&self, q: &Query) -> io::Result<(u64, Vec<u32>)> {
-        let needle = Needle::new(&q.q);
+        let needle = Needle::new(&q.q, q.id.as_deref());
         if needle.is_empty() {
             let ix = self.read_index();
             let filter = Filter::new(q, self, &ix);
@@ -789,13 +910,19 @@ impl Dataset {
                 }
             }
         }
-        let mut searches = self.searches.lock().unwrap_or_else(|p| p.into_inner());
-        searches.retain(|s| s.key != key);
-        searches.push(Search { key, generation, scanned, hits: hits.clone(), used: Instant::now() });
-        if searches.len() > KEEP_SEARCHES {
-            searches.sort_by_key(|s| std::cmp::Reverse(s.used));
-            searches.truncate(KEEP_SEARCHES);
+        {
+            let mut searches = self.searches.lock().unwrap_or_else(|p| p.into_inner());
+            searches.retain(|s| s.key != key);
+            searches.push(Search { key, generation, scanned, hits: hits.clone(), used: Instant::now() });
+            if searches.len() > KEEP_SEARCHES {
+                searches.sort_by_key(|s| std::cmp::Reverse(s.used));
+                searches.truncate(KEEP_SEARCHES);
+            }
         }
+        // What can change after a line was looked at (a failure resolved since) is checked again.
+        let ix = self.read_index();
+        let filter = Filter::new(q, self, &ix);
+        hits.retain(|n| ix.entries.get(*n as usize).is_some_and(|e| filter.matches(e)));
         Ok((generation, hits))
     }
 
@@ -811,17 +938,20 @@ impl Dataset {
         } else {
             hits.iter().skip(start).take(q.per).copied().collect()
         };
-        let entries: Vec<(u32, Entry)> = {
+        let (entries, done_reasons, indexing) = {
             let ix = self.read_index();
-            picked.iter().filter_map(|n| ix.entries.get(*n as usize).map(|e| (*n, *e))).collect()
+            if ix.generation != generation {
+                // Indexed again meanwhile: the numbers are another index's.
+                return Ok(json!({"total": 0, "page": 1, "pages": 1, "per": q.per, "generation": ix.generation, "indexing": true, "rows": []}));
+            }
+            let entries: Vec<(u32, Entry)> = picked.iter().filter_map(|n| ix.entries.get(*n as usize).map(|e| (*n, *e))).collect();
+            (entries, ix.done_reasons.clone(), !ix.complete)
         };
-        let done_reasons = self.read_index().done_reasons.clone();
         let mut rows = Vec::with_capacity(entries.len());
         for (n, e) in entries {
             let line = self.line(&e)?;
             rows.push(self.row(n, &e, &line, &done_reasons));
         }
-        let indexing = !self.read_index().complete;
         Ok(json!({"total": total, "page": page, "pages": pages, "per": q.per, "generation": generation, "indexing": indexing, "rows": rows}))
     }
 
@@ -830,6 +960,7 @@ impl Dataset {
         let failed = e.flags & FAILED != 0;
         json!({
             "n": n,
+            "loc": format!("{}:{}", e.file, e.off),
             "failed": failed,
             "resolved": e.flags & RESOLVED != 0,
             "id": f.id,
@@ -848,12 +979,15 @@ impl Dataset {
         })
     }
 
-    /// Record `n` whole, as its file holds it, with where it is.
-    pub fn record(&self, n: usize) -> io::Result<Option<String>> {
-        let e = {
+    /// The record at `loc` (`FILE:OFFSET`: the number of its file among the folder's, and the
+    /// byte its line starts at; what a table row gives as `loc`), whole, as its file holds it.
+    /// A link keeps naming the same record across restarts of the view and as the run goes on.
+    pub fn record(&self, loc: &str) -> io::Result<Option<String>> {
+        let Some((file, off)) = loc.split_once(':').and_then(|(f, o)| Some((f.parse::<u8>().ok()?, o.parse::<u64>().ok()?))) else { return Ok(None) };
+        let (n, e) = {
             let ix = self.read_index();
-            match ix.entries.get(n) {
-                Some(e) => *e,
+            match ix.entries.iter().position(|e| e.file == file && e.off == off) {
+                Some(n) => (n, ix.entries[n]),
                 None => return Ok(None),
             }
         };
@@ -865,6 +999,7 @@ impl Dataset {
         };
         let out = json!({
             "n": n,
+            "loc": loc,
             "failed": e.flags & FAILED != 0,
             "resolved": e.flags & RESOLVED != 0,
             "file": self.files[e.file as usize].label,
@@ -889,6 +1024,7 @@ fn head(s: &str) -> String {
 struct Summary {
     /// The file's size and inode when the report was made.
     made_for: (u64, u64),
+    made_at: Option<Instant>,
     json: Option<Arc<str>>,
     running: bool,
     error: Option<String>,
@@ -901,15 +1037,18 @@ impl Dataset {
     pub fn summary(self: &Arc<Self>, stage: Option<&str>) -> Result<Value, String> {
         let (path, key) = match stage {
             Some(s) if self.stages.iter().any(|x| x == s) => (crate::stages::stage_jsonl(&self.dir, s), s.to_owned()),
-            Some(s) => return Err(format!("no stage {s:?} (the stages: {})", self.stages.join(", "))),
-            None if !self.stages.is_empty() => return Err(format!("a multi-stage run: say which stage (the stages: {})", self.stages.join(", "))),
+            Some(s) if self.stages.is_empty() => return Err(format!("stage={s}: this is a one-stage run (ask without stage=)")),
+            Some(s) => return Err(format!("stage={s}: no such stage (the stages: {})", self.stages.join(", "))),
+            None if !self.stages.is_empty() => return Err(format!("a multi-stage run: give stage=NAME (the stages: {})", self.stages.join(", "))),
             None => (self.dir.join("dataset.jsonl"), String::new()),
         };
         let now = std::fs::metadata(&path).map(|m| (m.len(), m.ino())).unwrap_or_default();
         let mut sums = self.summaries.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = sums.entry(key.clone()).or_insert(Summary { made_for: (u64::MAX, 0), json: None, running: false, error: None });
+        let entry = sums.entry(key.clone()).or_insert(Summary { made_for: (u64::MAX, 0), made_at: None, json: None, running: false, error: None });
         let fresh = entry.made_for == now;
-        if !fresh && !entry.running {
+        // A file a run is writing changes all the time: a new report at most every 10 s.
+        let due = entry.made_at.is_none_or(|t| t.elapsed() >= SUMMARY_EVERY);
+        if !fresh && !entry.running && due {
             entry.running = true;
             let ds = self.clone();
             let stage = stage.map(str::to_owned);
@@ -921,6 +1060,7 @@ impl Dataset {
                 if let Some(s) = sums.get_mut(&key) {
                     s.running = false;
                     s.made_for = now;
+                    s.made_at = Some(Instant::now());
                     match result {
                         Ok(j) => {
                             s.json = Some(Arc::from(j));
@@ -977,9 +1117,10 @@ fn router(ds: Arc<Dataset>) -> axum::Router {
         .route(
             "/api/record",
             with(|ds, pairs| {
-                let n = pairs.iter().find(|(k, _)| k == "n").and_then(|(_, v)| v.parse::<usize>().ok());
-                let Some(n) = n else { return web::bad_request("n=NUMBER: which record\n".into()) };
-                match ds.record(n) {
+                let Some(loc) = pairs.iter().find(|(k, _)| k == "loc").map(|(_, v)| v.clone()) else {
+                    return web::bad_request("loc=FILE:OFFSET: which record (a row's loc)\n".into());
+                };
+                match ds.record(&loc) {
                     Ok(Some(j)) => web::json(j),
                     Ok(None) => (axum::http::StatusCode::NOT_FOUND, "no such record\n").into_response_(),
                     Err(e) => server_error(e),
@@ -1085,9 +1226,15 @@ mod tests {
         // Paging, newest first.
         let p = ds.records(&query(&[("per", "2"), ("page", "2"), ("order", "newest")])).unwrap();
         assert_eq!((p["pages"].as_u64(), ids(&p)), (Some(3), vec!["c".to_owned(), "b".to_owned()]));
-        let r: Value = serde_json::from_str(&ds.record(1).unwrap().unwrap()).unwrap();
+        let loc = all["rows"][1]["loc"].as_str().unwrap().to_owned();
+        let r: Value = serde_json::from_str(&ds.record(&loc).unwrap().unwrap()).unwrap();
         assert_eq!(r["record"]["response"], "Une boisson \"chaude\"");
-        assert!(ds.record(99).unwrap().is_none());
+        assert!(ds.record("0:1").unwrap().is_none(), "not where a line starts");
+        assert!(ds.record("9:0").unwrap().is_none());
+        assert!(ds.record("junk").unwrap().is_none());
+        // An id, exactly.
+        assert_eq!(ids(&ds.records(&query(&[("id", "b")])).unwrap()), ["b", "b"]);
+        assert_eq!(ids(&ds.records(&query(&[("id", "b"), ("status", "finished")])).unwrap()), ["b"]);
     }
 
     #[test]
@@ -1113,6 +1260,54 @@ mod tests {
         write(t.path(), "dataset.jsonl", &[rec("z", "p", "r", "stop", "k1")]);
         ds.index_now().unwrap();
         assert_eq!(ids(&ds.records(&query(&[])).unwrap()), ["z"]);
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_is_indexed_again() {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), "dataset.jsonl", &[rec("a", "p", "r", "stop", "k1"), rec("b", "p", "r", "stop", "k2")]);
+        let ds = Dataset::open(t.path()).unwrap();
+        ds.index_now().unwrap();
+        // Same inode, longer: what `cat new > dataset.jsonl` does.
+        let mut s = String::new();
+        for id in ["x", "y", "z"] {
+            s.push_str(&rec(id, "other prompt", "other reply", "length", "k").to_string());
+            s.push('\n');
+        }
+        std::fs::write(t.path().join("dataset.jsonl"), s).unwrap();
+        ds.index_now().unwrap();
+        assert_eq!(ids(&ds.records(&query(&[])).unwrap()), ["x", "y", "z"]);
+        assert_eq!(ds.info()["generation"], 1);
+    }
+
+    #[test]
+    fn failures_are_resolved_by_records_before_and_after_them() {
+        let t = tempfile::tempdir().unwrap();
+        // More than a first chunk of records, so that they go to the index in several.
+        let many: Vec<Value> = (0..1500).map(|i| rec(&format!("r{i}"), "p", "r", "stop", &format!("k{i}"))).collect();
+        write(t.path(), "dataset.jsonl", &many);
+        let ds = Dataset::open(t.path()).unwrap();
+        ds.index_now().unwrap();
+        assert_eq!(ds.records(&query(&[])).unwrap()["total"], 1500);
+        // A failure of a request whose record came in an earlier pass, and one still open.
+        let fail = |id: &str, key: &str| json!({"id": id, "sample": 0, "model": "m", "error": "boom", "attempts": 1, "retryable": true, "key": key, "when": "x"});
+        write(t.path(), "failures.jsonl", &[fail("r7", "k7"), fail("zz", "kzz"), fail("zz", "kzz")]);
+        ds.index_now().unwrap();
+        assert_eq!(ids(&ds.records(&query(&[("status", "failed")])).unwrap()), ["zz", "zz"]);
+        let info = ds.info();
+        assert_eq!((info["failures"].as_u64(), info["failed_requests"].as_u64(), info["unresolved_requests"].as_u64()), (Some(3), Some(2), Some(1)));
+        // A kept search follows a failure resolved after it was made.
+        assert_eq!(ids(&ds.records(&query(&[("status", "failed"), ("q", "boom")])).unwrap()), ["zz", "zz"]);
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(t.path().join("dataset.jsonl")).unwrap();
+        writeln!(f, "{}", rec("zz", "p", "r", "stop", "kzz")).unwrap();
+        ds.index_now().unwrap();
+        assert_eq!(ds.records(&query(&[("status", "failed"), ("q", "boom")])).unwrap()["total"], 0);
+        assert_eq!(ds.records(&query(&[("status", "failed")])).unwrap()["total"], 0);
+        // A field of an odd type does not hide its record.
+        writeln!(f, r#"{{"id":"odd","kept":"yes","completion_tokens":"many","sample":"first","key":"ko","response":"r"}}"#).unwrap();
+        ds.index_now().unwrap();
+        assert_eq!(ids(&ds.records(&query(&[("id", "odd")])).unwrap()), ["odd"]);
     }
 
     #[test]

@@ -41,7 +41,13 @@ pub struct Server {
 /// `app` on the tokio runtime until the process ends. A token is made when the address is not
 /// loopback and none was given; every request must then carry it.
 pub async fn serve(opts: &ServeOptions, flag: &str, app: axum::Router) -> anyhow::Result<Server> {
-    let listener = tokio::net::TcpListener::bind(&opts.addr).await.with_context(|| format!("{flag} {}: cannot listen there", opts.addr))?;
+    if let Some(t) = &opts.token {
+        check_token(t)?;
+    }
+    let listener = tokio::net::TcpListener::bind(&opts.addr).await.with_context(|| {
+        let hint = if opts.addr.contains(':') { "" } else { " (ADDR is IP:PORT, e.g. 127.0.0.1:8765 or 0.0.0.0:8765; port 0 picks a free one)" };
+        format!("{flag} {}: cannot listen there{hint}", opts.addr)
+    })?;
     let addr = listener.local_addr()?;
     let token = match (&opts.token, addr.ip().is_loopback()) {
         (Some(t), _) => Some(t.clone()),
@@ -66,10 +72,50 @@ pub async fn serve(opts: &ServeOptions, flag: &str, app: axum::Router) -> anyhow
     Ok(Server { addr, url, url_with_token })
 }
 
-/// Every request: the token when one is set; every answer: the security headers.
+/// What to print under the URL, if anything: an address for every interface is not one a
+/// browser can open as it is.
+pub fn url_hint(server: &Server) -> Option<String> {
+    server.addr.ip().is_unspecified().then(|| format!("(listening on every address: open it with this machine's name or address in place of {})", server.addr.ip()))
+}
+
+/// A token given by the user: long enough not to be guessed, and plain enough to go in a URL
+/// as it is.
+pub fn check_token(t: &str) -> anyhow::Result<()> {
+    if t.len() < 16 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)) {
+        anyhow::bail!(
+            "--serve-token (or DATA_GENERATOR_SERVE_TOKEN): give at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.', '~' \
+             (whoever has the token can read the page), or none to have one made"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a `Host` header names this machine's loopback (any port): what a page opened at
+/// the printed URL, or through an ssh tunnel, sends. Another name pointing at 127.0.0.1 (DNS
+/// rebinding) is some web site's page reading this one.
+fn loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What a page loads by itself, without the token (a `<link>` or `<script>` cannot carry it):
+/// the same files for everyone, built into the binary, with no data in them.
+const PUBLIC: &[&str] = &["/app.css", "/app.js", "/view.css", "/view.js"];
+
+/// Every request: the token when one is set, else a loopback `Host`; every answer: the
+/// security headers.
 async fn guard(token: Option<&str>, req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if let Some(t) = token {
+    if token.is_none() {
+        let host = req.headers().get("host").and_then(|v| v.to_str().ok());
+        if host.is_some_and(|h| !loopback_host(h)) {
+            return (axum::http::StatusCode::FORBIDDEN, "this page answers on its loopback address only (open the URL data_generator printed)\n").into_response();
+        }
+    }
+    if let Some(t) = token.filter(|_| !PUBLIC.contains(&req.uri().path())) {
         let given = req.uri().query().into_iter().flat_map(|q| q.split('&')).find_map(|kv| kv.strip_prefix("token="));
         let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if given.or(bearer).is_none_or(|g| !constant_time_eq(g.as_bytes(), t.as_bytes())) {
@@ -145,6 +191,21 @@ pub fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_and_hosts() {
+        assert!(check_token("").is_err());
+        assert!(check_token("short").is_err());
+        assert!(check_token("0123456789abcdef&x").is_err());
+        assert!(check_token("0123456789abcdef").is_ok());
+        assert!(check_token(&new_token().unwrap()).is_ok());
+        for h in ["127.0.0.1:8765", "localhost:8765", "LOCALHOST", "[::1]:8765", "127.0.0.2:80", "localhost"] {
+            assert!(loopback_host(h), "{h}");
+        }
+        for h in ["evil.example:8765", "evil.example", "10.0.0.1:8765", "localhost.evil.example:8765", "[::2]:1"] {
+            assert!(!loopback_host(h), "{h}");
+        }
+    }
 
     #[test]
     fn url_decoding() {

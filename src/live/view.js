@@ -18,7 +18,7 @@
     for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, String(v));
     return e;
   };
-  const FIELDS = ["q", "stage", "status", "done_reason", "kept", "order", "page", "rec", "tab", "sstage"];
+  const FIELDS = ["q", "id", "stage", "status", "done_reason", "kept", "order", "page", "rec", "tab", "sstage"];
   let info = null;
   let lastRows = null;
   let loadSeq = 0;
@@ -80,7 +80,10 @@
     const parts = [fmt(info.records) + " records"];
     if (info.stages.length) parts.push("stages " + info.stages.map((s, i) => s + " " + fmt(info.per_stage[i])).join(" → "));
     if (info.dataset_rows !== null && info.dataset_rows !== undefined) parts.push(fmt(info.dataset_rows) + " rows through every stage");
-    if (info.failures) parts.push(fmt(info.failures) + " failures (" + fmt(info.unresolved_failures) + " unresolved)");
+    if (info.failures) {
+      const lines = info.failures === info.failed_requests ? "" : " (" + fmt(info.failures) + " failure lines)";
+      parts.push(fmt(info.failed_requests) + (info.failed_requests === 1 ? " request" : " requests") + " failed" + lines + ", " + fmt(info.unresolved_requests) + " still without a record");
+    }
     const malformed = info.files.filter((f) => f.malformed > 0);
     for (const f of malformed) parts.push(f.file + ": " + f.malformed + " malformed lines (first: line " + f.first_malformed.line + ")");
     if (info.last_run && info.last_run.status) parts.push("last run: " + info.last_run.status);
@@ -105,9 +108,11 @@
   }
 
   // ---- records ----
+  let inFlight = false;
   function renderRecords() {
     const s = getState();
-    $("q").value = s.q || "";
+    // Not under the user's fingers: text typed and not yet searched stays.
+    if (document.activeElement !== $("q") && !searchTimer) $("q").value = s.q || "";
     for (const k of ["stage", "status", "done_reason", "kept"]) {
       const sel = $(k);
       if (s[k] && ![...sel.options].some((o) => o.value === s[k])) {
@@ -119,9 +124,12 @@
       sel.value = s[k] || "";
     }
     $("newest").checked = s.order === "newest";
+    $("id-chip").hidden = !s.id;
+    $("id-value").textContent = s.id || "";
     const params = {};
-    for (const k of ["q", "stage", "status", "done_reason", "kept", "order", "page"]) if (s[k]) params[k] = s[k];
+    for (const k of ["q", "id", "stage", "status", "done_reason", "kept", "order", "page"]) if (s[k]) params[k] = s[k];
     const seq = ++loadSeq;
+    inFlight = true;
     $("page-info").textContent = s.q ? "searching…" : "loading…";
     api("api/records", params).then((r) => {
       if (seq !== loadSeq) return;
@@ -130,7 +138,7 @@
     }).catch((e) => {
       if (seq !== loadSeq) return;
       $("page-info").textContent = String(e.message || e);
-    });
+    }).finally(() => { if (seq === loadSeq) inFlight = false; });
   }
 
   function drawRows(r) {
@@ -145,7 +153,7 @@
 
   function rowElement(r) {
     const tr = el("tr", r.failed ? (r.resolved ? "failed resolved" : "failed") : null);
-    tr.dataset.n = r.n;
+    tr.dataset.loc = r.loc;
     const id = r.id + (r.sample ? " #" + r.sample : "");
     const respCell = el("td", "text");
     if (r.failed) {
@@ -166,20 +174,20 @@
       el("td", "num", r.invalid ? r.invalid : ""),
       el("td", "col-kept " + (kept === "no" ? "warn" : ""), kept),
     );
-    tr.addEventListener("click", () => setState({ rec: String(r.n) }));
+    tr.addEventListener("click", () => setState({ rec: r.loc }));
     return tr;
   }
 
   // ---- one record ----
-  function renderRecord(n) {
+  function renderRecord(loc) {
     const box = $("record");
-    if (n === undefined) { box.hidden = true; return; }
+    if (loc === undefined) { box.hidden = true; return; }
     box.hidden = false;
-    $("record-title").textContent = "record " + (Number(n) + 1);
+    $("record-title").textContent = "record";
     const body = $("record-body");
     body.replaceChildren(el("p", "muted", "loading…"));
-    api("api/record", { n }).then((r) => {
-      if (getState().rec !== n) return;
+    api("api/record", { loc }).then((r) => {
+      if (getState().rec !== loc) return;
       const rec = r.record || {};
       $("record-title").textContent = (r.failed ? "failure: " : "") + (rec.id || "?") + (rec.sample ? " #" + rec.sample : "") + (r.stage ? " · " + r.stage : "");
       const meta = el("table", "meta");
@@ -195,9 +203,16 @@
       const parts = [meta];
       const before = info && r.stage ? info.stages[info.stages.indexOf(r.stage) - 1] : undefined;
       if (rec.parent && before) {
-        // The row this one came from: the earlier stage's record of that id.
-        const a = el("a", "link", "the " + before + " record it came from (" + rec.parent + ")");
-        a.href = "#" + new URLSearchParams({ q: '"' + rec.parent + '"', stage: before }).toString();
+        // The row this one came from: the earlier stage's record of that id, opened.
+        const a = el("a", "link", "open the " + before + " record it came from (" + rec.parent + ")");
+        a.href = "#" + new URLSearchParams({ id: rec.parent, stage: before }).toString();
+        a.addEventListener("click", (e) => {
+          e.preventDefault();
+          api("api/records", { id: rec.parent, stage: before, per: 1 }).then((p) => {
+            if (p.rows.length) setState({ rec: p.rows[0].loc });
+            else setState({ id: rec.parent, stage: before, q: "", page: "", rec: "" });
+          }).catch(() => setState({ id: rec.parent, stage: before, q: "", page: "", rec: "" }));
+        });
         const p = el("p");
         p.append(a);
         parts.push(p);
@@ -228,7 +243,8 @@
     const entries = isArr ? v.map((x, i) => [i, x]) : Object.entries(v);
     const d = el("details", "tree");
     d.open = open || entries.length <= 8;
-    d.append(el("summary", "muted", isArr ? "[" + entries.length + " items]" : "{" + entries.length + " keys}"));
+    const n = entries.length;
+    d.append(el("summary", "muted", isArr ? "[" + n + (n === 1 ? " item]" : " items]") : "{" + n + (n === 1 ? " key}" : " keys}")));
     const ul = el("ul");
     for (const [k, x] of entries) {
       const li = el("li");
@@ -241,14 +257,17 @@
 
   // ---- summary ----
   let summaryTimer = null;
+  let summarySeq = 0;
   function renderSummary() {
     clearTimeout(summaryTimer);
     const s = getState();
     const stage = info && info.stages.length ? s.sstage || info.stages[info.stages.length - 1] : "";
     if (stage) $("summary-stage").value = stage;
     const box = $("summary");
+    const seq = ++summarySeq;
     api("api/summary", stage ? { stage } : {}).then((r) => {
-      if (getState().tab !== "summary") return;
+      // A late answer for another stage (or after leaving the tab) is not drawn.
+      if (seq !== summarySeq || getState().tab !== "summary") return;
       if (r.error && !r.report) { box.replaceChildren(el("p", "bad", r.error)); return; }
       if (!r.report) {
         box.replaceChildren(el("p", "muted", "reading the whole file for the summary…"));
@@ -317,7 +336,9 @@
       bar.style.width = Math.max(1, (100 * count) / max) + "%";
       const track = el("div", "bar-track");
       track.append(bar);
-      row.append(el("span", "bar-label", label), track, el("span", "bar-count", fmt(count)));
+      const name = el("span", "bar-label", label);
+      name.title = label;
+      row.append(name, track, el("span", "bar-count", fmt(count)));
       list.append(row);
     }
     p.append(list);
@@ -367,14 +388,15 @@
   let searchTimer = null;
   $("q").addEventListener("input", () => {
     clearTimeout(searchTimer);
-    searchTimer = setTimeout(() => setState({ q: $("q").value, page: "" }, true), 350);
+    searchTimer = setTimeout(() => { searchTimer = null; setState({ q: $("q").value, page: "" }, true); }, 350);
   });
-  $("filters").addEventListener("submit", (e) => { e.preventDefault(); clearTimeout(searchTimer); setState({ q: $("q").value, page: "" }); });
+  $("filters").addEventListener("submit", (e) => { e.preventDefault(); clearTimeout(searchTimer); searchTimer = null; setState({ q: $("q").value, page: "" }); });
   for (const k of ["stage", "status", "done_reason", "kept"]) $(k).addEventListener("change", () => setState({ [k]: $(k).value, page: "" }));
   $("newest").addEventListener("change", () => setState({ order: $("newest").checked ? "newest" : "", page: "" }));
-  $("clear").addEventListener("click", () => setState({ q: "", stage: "", status: "", done_reason: "", kept: "", order: "", page: "" }));
+  $("clear").addEventListener("click", () => setState({ q: "", id: "", stage: "", status: "", done_reason: "", kept: "", order: "", page: "" }));
   $("prev").addEventListener("click", () => setState({ page: String(Math.max(1, (lastRows ? lastRows.page : 1) - 1)) }));
   $("next").addEventListener("click", () => setState({ page: String((lastRows ? lastRows.page : 1) + 1) }));
+  $("id-clear").addEventListener("click", () => setState({ id: "", page: "" }));
   $("record-close").addEventListener("click", () => setState({ rec: "" }));
   $("summary-stage").addEventListener("change", () => setState({ sstage: $("summary-stage").value }));
   $("tab-records").addEventListener("click", (e) => { e.preventDefault(); setState({ tab: "" }); });
@@ -393,7 +415,7 @@
       renderInfo();
       const s = getState();
       if (first) render();
-      else if (grew && s.tab !== "summary" && (!s.page || s.page === "1" || s.order === "newest" || i.indexing)) renderRecords();
+      else if (grew && !inFlight && s.tab !== "summary" && (!s.page || s.page === "1" || s.order === "newest" || i.indexing)) renderRecords();
     }).catch((e) => { $("state").textContent = String(e.message || e); $("state").className = "state bad"; })
       .finally(() => setTimeout(poll, info && info.indexing ? 700 : 2000));
   }

@@ -169,7 +169,8 @@ fn the_view_page_lists_a_finished_dataset_and_finds_a_record_by_search() {
     dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
     let stored = read_jsonl(&dir.join("out/dataset.jsonl"));
 
-    let mut view = spawn_with(&dir, &["view", "out", "--serve", "127.0.0.1:0"], Stdio::null(), Stdio::piped());
+    // With a token (as off loopback): the page, its scripts and its data all load.
+    let mut view = spawn_with(&dir, &["view", "out", "--serve", "127.0.0.1:0", "--serve-token", "0123456789abcdef-browser-test"], Stdio::null(), Stdio::piped());
     let mut err = view.stderr.take().expect("stderr");
     let mut seen = String::new();
     let url = loop {
@@ -198,7 +199,8 @@ fn the_view_page_lists_a_finished_dataset_and_finds_a_record_by_search() {
     let q = wd(d.port, "POST", &format!("/session/{sid}/element"), Some(json!({"using": "css selector", "value": "#q"})));
     let qid = q.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).expect("the search box").to_owned();
     wd(d.port, "POST", &format!("/session/{sid}/element/{qid}/value"), Some(json!({"text": "JUPITER 木星"})));
-    let found = wait_for(d.port, &sid, "the search's one row", "const r = document.querySelectorAll('#rows tr'); return r.length === 1 ? {id: r[0].children[1].textContent, hash: decodeURIComponent(location.hash)} : false;", Duration::from_secs(30));
+    let found = wait_for(d.port, &sid, "the search's one row", "const r = document.querySelectorAll('#rows tr'); return r.length === 1 ? {id: r[0].children[1].textContent, hash: decodeURIComponent(location.hash), url: location.href} : false;", Duration::from_secs(30));
+    assert!(found["url"].as_str().is_some_and(|u| u.contains("?token=0123456789abcdef-browser-test")), "{found}");
     assert_eq!(found["id"], "r58");
     assert!(found["hash"].as_str().is_some_and(|h| h.contains("q=JUPITER+木星") || h.contains("q=JUPITER 木星")), "{found}");
 
@@ -207,7 +209,7 @@ fn the_view_page_lists_a_finished_dataset_and_finds_a_record_by_search() {
     let rec = wait_for(d.port, &sid, "the record view", "const b = document.getElementById('record-body'); return !document.getElementById('record').hidden && b.querySelectorAll('pre').length >= 2 ? {pres: [...b.querySelectorAll('pre')].map(p => p.textContent), hash: location.hash} : false;", Duration::from_secs(30));
     let r58 = stored.iter().find(|r| r["id"] == "r58").expect("r58");
     assert!(rec["pres"].as_array().is_some_and(|p| p.iter().any(|x| x == &r58["response"])), "{rec}");
-    assert!(rec["hash"].as_str().is_some_and(|h| h.contains("rec=")), "the open record is in the URL too");
+    assert!(rec["hash"].as_str().is_some_and(|h| h.contains("rec=0%3A") || h.contains("rec=0:")), "the open record is in the URL too: {rec}");
     screenshot(&d, &sid, "view-record.png");
 
     // A shared link: the same URL in a new page shows the same row and record.

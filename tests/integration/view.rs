@@ -144,14 +144,18 @@ fn view_pages_searches_and_filters_what_the_dataset_holds() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("status=bogus"), "{body}");
 
-    // One record whole: what the file holds.
-    let n = v.json(&format!("/api/records?q={}", enc("ciel")))["rows"][0]["n"].as_u64().expect("n");
-    let r = v.json(&format!("/api/record?n={n}"));
+    // One record whole: what the file holds, named by where its line is.
+    let loc = v.json(&format!("/api/records?q={}", enc("ciel")))["rows"][0]["loc"].as_str().expect("loc").to_owned();
+    let r = v.json(&format!("/api/record?loc={loc}"));
     let stored_r = stored.iter().find(|s| s["id"] == "r42").expect("r42");
     assert_eq!(&r["record"], stored_r, "the record as stored");
     assert_eq!(r["file"], "dataset.jsonl");
-    assert_eq!(v.get("/api/record?n=100000").0, 404);
+    assert_eq!(v.get("/api/record?loc=0:1").0, 404, "not where a line starts");
+    assert_eq!(v.get("/api/record?loc=../run.toml").0, 404);
     assert_eq!(v.get("/api/record").0, 400);
+    // An id, exactly (r1 is not r10..r19).
+    assert_eq!(ids(&v.json("/api/records?id=r1")), ["r1"]);
+    assert_eq!(v.get("/api/records?order=sideways").0, 400);
 
     // The summary is the inspect report.
     let mut sum = Value::Null;
@@ -168,7 +172,14 @@ fn view_pages_searches_and_filters_what_the_dataset_holds() {
         assert_eq!(v.get(path).0, 404, "{path}");
     }
     assert_eq!(get(&v.host, "POST", "/api/records").0, 405);
-    assert_eq!(get(&v.host, "DELETE", "/api/record?n=0").0, 405);
+    assert_eq!(get(&v.host, "DELETE", "/api/record?loc=0:0").0, 405);
+    // Another name for this machine (DNS rebinding: a web site's page reading this one) is refused.
+    let mut s = std::net::TcpStream::connect(&v.host).expect("connect");
+    use std::io::{Read, Write};
+    write!(s, "GET /api/records HTTP/1.0\r\nHost: evil.example:8765\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.0 403") || answer.starts_with("HTTP/1.1 403"), "{answer}");
     let (status, page) = v.get("/");
     assert_eq!(status, 200);
     assert!(page.contains("view.js"), "{page}");
@@ -230,8 +241,8 @@ fn view_of_a_multi_stage_run_filters_by_stage_and_keep() {
     assert_eq!(row["stage"], "answer");
 
     // A judge record whole carries its parsed reply.
-    let n = v.json("/api/records?stage=judge&per=1")["rows"][0]["n"].as_u64().expect("n");
-    let r = v.json(&format!("/api/record?n={n}"));
+    let loc = v.json("/api/records?stage=judge&per=1")["rows"][0]["loc"].as_str().expect("loc").to_owned();
+    let r = v.json(&format!("/api/record?loc={loc}"));
     assert!(r["record"]["parsed"]["score"].is_number(), "{r}");
 
     // The summary is per stage.
@@ -254,12 +265,24 @@ fn view_off_loopback_asks_for_its_token_and_keeps_it_out_of_the_files() {
     assert!(token.len() >= 32, "{token}");
     let port = v.host.rsplit(':').next().expect("port");
     let local = format!("127.0.0.1:{port}");
-    for path in ["/", "/view.js", "/api/info", "/api/records", "/api/record?n=0", "/api/summary", "/nonesuch"] {
+    for path in ["/", "/api/info", "/api/records", "/api/record?loc=0:0", "/api/summary", "/nonesuch"] {
         assert_eq!(get(&local, "GET", path).0, 401, "{path} without the token");
+    }
+    // What the page loads by itself (no data in it) needs no token: a <script> cannot send it.
+    for path in ["/view.js", "/view.css", "/app.css"] {
+        assert_eq!(get(&local, "GET", path).0, 200, "{path}");
     }
     assert_eq!(get(&local, "GET", "/api/info?token=wrong").0, 401);
     let (status, body) = get(&local, "GET", &format!("/api/records?token={token}"));
     assert_eq!(status, 200, "{body}");
+    // Or as a bearer token; and every answer carries the CSP.
+    let mut s = std::net::TcpStream::connect(&local).expect("connect");
+    use std::io::{Read, Write};
+    write!(s, "GET /api/info HTTP/1.0\r\nHost: {local}\r\nAuthorization: Bearer {token}\r\n\r\n").expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.contains(" 200 "), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("content-security-policy: default-src 'none'; script-src 'self'"), "{answer}");
     assert!(v.url.contains(&token));
     for entry in std::fs::read_dir(dir.join("out")).expect("out").flatten() {
         let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
@@ -280,4 +303,8 @@ fn view_errors_name_the_folder() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = busy.local_addr().expect("addr").to_string();
     dir.run(&["view", "out", "--serve", &addr], &[]).expect_code(1).expect_stderr(&format!("--serve {addr}: cannot listen there"));
+    dir.run(&["view", "out", "--serve", "8765"], &[]).expect_code(1).expect_stderr("ADDR is IP:PORT");
+    // A token anyone could guess is refused, given or from the environment.
+    dir.run(&["view", "out", "--serve-token", ""], &[]).expect_code(1).expect_stderr("at least 16 characters");
+    dir.run(&["view", "out", "--serve", "127.0.0.1:0"], &[("DATA_GENERATOR_SERVE_TOKEN", "secret")]).expect_code(1).expect_stderr("at least 16 characters");
 }

@@ -476,13 +476,19 @@ fn merge(args: MergeArgs) -> anyhow::Result<u8> {
 /// `view DIR`: serves the dataset browser until Ctrl-C (or SIGTERM). The index is built in the
 /// background: the page opens at once and fills in.
 fn view(args: ViewArgs) -> anyhow::Result<u8> {
-    let ds = data_generator::view::Dataset::open(&args.dir)?;
+    // A dataset file stands for its folder.
+    let dir = if args.dir.is_file() { args.dir.parent().map(Path::to_path_buf).unwrap_or_default() } else { args.dir.clone() };
+    let dir = if dir.as_os_str().is_empty() { PathBuf::from(".") } else { dir };
+    let ds = data_generator::view::Dataset::open(&dir)?;
     ds.follow();
     let opts = data_generator::web::ServeOptions { addr: args.serve, token: args.serve_token };
     runtime()?.block_on(async {
         let server = data_generator::view::serve(&opts, ds.clone()).await?;
         eprintln!("view: {}", server.url_with_token);
-        eprintln!("serving {} (read-only) until Ctrl-C", args.dir.display());
+        if let Some(h) = data_generator::web::url_hint(&server) {
+            eprintln!("{h}");
+        }
+        eprintln!("serving {} (read-only) until Ctrl-C", dir.display());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}

@@ -593,6 +593,9 @@ async fn start_live(opts: &RunOptions, name: &str) -> anyhow::Result<(Option<Arc
     let hub = LiveHub::new(name);
     let server = live::serve(s, hub.clone()).await?;
     eprintln!("live view: {}", server.url_with_token);
+    if let Some(h) = data_generator::web::url_hint(&server) {
+        eprintln!("{h}");
+    }
     Ok((Some(hub), Some(server)))
 }
 
