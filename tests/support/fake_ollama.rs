@@ -58,7 +58,8 @@ pub struct Options {
     pub json_object_only: bool,
     /// Speed mode, for the benchmarks: every streamed reply is the same pre-rendered text of
     /// `fast_tokens` tokens (or N with `[[tokens=N]]` in the prompt), one write per token as a
-    /// real server sends them, nothing recorded (`seen` stays empty) and no directives.
+    /// real server sends them, the connection kept for the next request, nothing recorded
+    /// (`seen` stays empty) and no directives.
     pub fast: bool,
     pub fast_tokens: usize,
 }
@@ -401,12 +402,23 @@ fn tokens(text: &str, rng: &mut Rng) -> Vec<String> {
 
 async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options>, seed: u64) -> std::io::Result<()> {
     sock.set_nodelay(true)?;
-    let Some((method, path, body, authorization)) = read_request(&mut sock).await? else { return Ok(()) };
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let prompt = user_prompt(&path, &body);
-    if opts.fast && method == "POST" && body.get("stream") != Some(&json!(false)) {
+    // Speed mode keeps the connection for the next request, as real servers do; otherwise one
+    // request a connection.
+    loop {
+        let Some((method, path, body, authorization)) = read_request(&mut sock).await? else { return Ok(()) };
+        if !(opts.fast && fast_answer(&mut sock, &opts, &method, &path, &body).await?) {
+            return handle_one(sock, state, opts, seed, method, path, body, authorization).await;
+        }
+    }
+}
+
+/// Speed mode's answer to a streamed generation request; false when it is not one.
+async fn fast_answer(sock: &mut TcpStream, opts: &Options, method: &str, path: &str, body: &[u8]) -> std::io::Result<bool> {
+    let body: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let prompt = user_prompt(path, &body);
+    if method == "POST" && body.get("stream") != Some(&json!(false)) {
         let model = body.get("model").and_then(Value::as_str).unwrap_or_default();
-        let kind = match path.as_str() {
+        let kind = match path {
             "/api/chat" => Some(FastKind::Chat),
             "/api/generate" => Some(FastKind::Generate),
             "/v1/chat/completions" => Some(FastKind::OpenAi),
@@ -419,9 +431,25 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>, opts: Arc<Options
             for c in &reply.chunks {
                 sock.write_all(c).await?;
             }
-            return sock.shutdown().await;
+            return Ok(true);
         }
     }
+    Ok(false)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn handle_one(
+    mut sock: TcpStream,
+    state: Arc<Mutex<State>>,
+    opts: Arc<Options>,
+    seed: u64,
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    authorization: Option<String>,
+) -> std::io::Result<()> {
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let prompt = user_prompt(&path, &body);
     let attempt = {
         let mut st = state.lock().map_err(|_| std::io::Error::other("poisoned"))?;
         st.seen.push(SeenRequest { method: method.clone(), path: path.clone(), body: body.clone(), prompt: prompt.clone(), authorization });
@@ -576,7 +604,7 @@ fn fast_reply(kind: FastKind, model: &str, n: usize) -> Arc<FastReply> {
         }
     };
     chunks.push(b"0\r\n\r\n".to_vec());
-    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{FAKE_HEADER}Connection: close\r\n\r\n").into_bytes();
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\n{FAKE_HEADER}\r\n").into_bytes();
     let r = Arc::new(FastReply { head, chunks });
     if let Ok(mut c) = CACHE.lock() {
         c.insert(key, r.clone());
