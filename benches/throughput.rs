@@ -304,7 +304,9 @@ fn main() {
             ),
         )
         .expect("config");
+        let fake_before = fake_ollama::FakeOllama::cpu();
         let m = run_measured(&["--config", "run.toml", "--progress", display], dir.path());
+        let fake_cpu_us = (fake_ollama::FakeOllama::cpu().saturating_sub(fake_before)).as_secs_f64() * 1e6;
         let text = std::fs::read_to_string(dir.path().join(&out).join("dataset.jsonl")).unwrap_or_default();
         let tokens: u64 = text
             .lines()
@@ -315,11 +317,12 @@ fn main() {
         let cpu_us = m.cpu.as_secs_f64() * 1e6;
         println!(
             "generate {kind:<6} display {display:<4} concurrency {concurrency:>2}: {requests} requests in {secs:>6.2} s = {:>5.0} req/s, {:>6.0} tokens/s; \
-             CPU {:>5.1} us/token, {:>5.0} us/request; peak RSS {:>5.1} MB{}",
+             CPU {:>5.1} us/token, {:>5.0} us/request (the fake's own: {:>4.0} us/request); peak RSS {:>5.1} MB{}",
             requests as f64 / secs,
             tokens as f64 / secs,
             cpu_us / tokens.max(1) as f64,
             cpu_us / requests.max(1) as f64,
+            fake_cpu_us / requests.max(1) as f64,
             m.peak_kb as f64 / 1024.0,
             if m.ok { "" } else { "  (FAILED)" }
         );
@@ -720,15 +723,18 @@ fn linear_run(dir: &Path, fake: &fake_ollama::FakeOllama, kind: &str, label: &st
         ),
     )
     .expect("config");
+    let fake_before = fake_ollama::FakeOllama::cpu();
     let m = run_measured(&["--config", "linear.toml", "--progress", "none"], dir);
+    let fake_us = fake_ollama::FakeOllama::cpu().saturating_sub(fake_before).as_secs_f64() * 1e6;
     let total = rows * tokens;
     let cpu_us = m.cpu.as_secs_f64() * 1e6;
     println!(
-        "linear {kind:<6} {label:<34}: {rows:>7} requests x {tokens:>6} tokens in {:>6.2} s = {:>7.0} tokens/s; CPU {:>5.2} us/token, {:>6.0} us/request; peak RSS {:>6.1} MB{}",
+        "linear {kind:<6} {label:<34}: {rows:>7} requests x {tokens:>6} tokens in {:>6.2} s = {:>7.0} tokens/s; CPU {:>5.2} us/token, {:>6.0} us/request (the fake's own {:>5.0}); peak RSS {:>6.1} MB{}",
         m.took.as_secs_f64(),
         total as f64 / m.took.as_secs_f64(),
         cpu_us / total.max(1) as f64,
         cpu_us / rows.max(1) as f64,
+        fake_us / rows.max(1) as f64,
         m.peak_kb as f64 / 1024.0,
         if m.ok { "" } else { "  (FAILED)" }
     );

@@ -150,7 +150,7 @@ impl FakeOllama {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("fake-ollama").enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(std_listener).expect("listener");
                 let opts = Arc::new(opts);
@@ -178,6 +178,25 @@ impl FakeOllama {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// CPU time (user + system) the fake's threads have used so far, when it runs in this
+    /// process (Linux: from /proc/self/task; its threads are named `fake-ollama`).
+    pub fn cpu() -> Duration {
+        let tick = 100.0; // USER_HZ on Linux
+        let mut total = 0.0;
+        for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+            if std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "fake-ollama") {
+                if let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) {
+                    // After the command name in parentheses: fields 14 and 15 are utime, stime.
+                    let rest = stat.rsplit(") ").next().unwrap_or_default();
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                    total += ticks / tick;
+                }
+            }
+        }
+        Duration::from_secs_f64(total)
     }
 
     /// Every request seen so far.
