@@ -104,6 +104,36 @@ pub struct Plan {
     pub first_to_run: Option<u64>,
 }
 
+/// Every request the input asks for, keyed, before the folder is read ([`Planner::asked`]).
+pub struct Asked {
+    keys: Vec<u128>,
+    /// Each row's input line (lines past 4 billion are not told apart: they only delay the
+    /// first request to run).
+    lines: Vec<u32>,
+    samples: u32,
+}
+
+impl Asked {
+    /// The plan: [`Planner::check`]'s counts, from the keys against what the folder holds.
+    pub fn plan(&self, prior: &Prior, redo: Redo) -> Plan {
+        let mut plan = Plan { rows: self.lines.len() as u64, requests: self.keys.len() as u64, ..Plan::default() };
+        for (i, k) in self.keys.iter().enumerate() {
+            match verdict(prior, redo, *k) {
+                Verdict::Run => {
+                    plan.to_run += 1;
+                    if plan.first_to_run.is_none() {
+                        let line = self.lines[i / self.samples.max(1) as usize];
+                        plan.first_to_run = Some(if line == u32::MAX { 0 } else { u64::from(line) });
+                    }
+                }
+                Verdict::AlreadyDone => plan.already_done += 1,
+                Verdict::SkipFailed => plan.skipped_failed += 1,
+            }
+        }
+        plan
+    }
+}
+
 /// A row and its prompt, or None for a row the run reads past (all its requests done).
 type RowToRun = Result<Option<(Row, String)>, PlanError>;
 
@@ -227,6 +257,13 @@ impl Planner {
         if plan.rows == 0 {
             return Err(PlanError::Empty { path: cfg.input_path.clone() });
         }
+        self.unique(ids)?;
+        Ok(plan)
+    }
+
+    /// The first id seen twice, as an error.
+    fn unique(&self, ids: IdSet) -> Result<(), PlanError> {
+        let cfg = &self.cfg;
         if let Some(d) = ids.first_duplicate(|lines| self.ids_at(lines))? {
             return Err(PlanError::DuplicateId {
                 path: cfg.input_path.clone(),
@@ -236,7 +273,30 @@ impl Planner {
                 hint: cfg.raw.input.id_field.as_ref().map(|f| format!(" (input.id_field = {f:?})")).unwrap_or_default(),
             });
         }
-        Ok(plan)
+        Ok(())
+    }
+
+    /// [`Planner::check`] without the folder: every row read, rendered and keyed, ids checked
+    /// unique; the keys kept (16 bytes a request, 4 a row) to be counted against the folder
+    /// once it is read ([`Asked::plan`]). Made while the folder is read, on another thread.
+    pub fn asked(&self) -> Result<Asked, PlanError> {
+        let samples = self.cfg.run().samples_per_prompt;
+        let mut ids = IdSet::default();
+        let mut asked = Asked { keys: Vec::new(), lines: Vec::new(), samples };
+        for row in self.rows()? {
+            let row = row?;
+            ids.push(&row.id, row.line);
+            let prompt = self.render(&row)?;
+            asked.lines.push(u32::try_from(row.line).unwrap_or(u32::MAX));
+            for sample in 0..samples {
+                asked.keys.push(self.request(&row.id, &prompt, sample).2);
+            }
+        }
+        if asked.lines.is_empty() {
+            return Err(PlanError::Empty { path: self.cfg.input_path.clone() });
+        }
+        self.unique(ids)?;
+        Ok(asked)
     }
 
     /// Renders a row and counts the verdicts of its requests.

@@ -68,6 +68,28 @@ fn duplicate_ids_are_an_error() {
 }
 
 #[test]
+fn input_errors_on_a_resume_are_found_too_and_keep_the_dataset() {
+    // A folder to resume is read while the input is checked (two threads): the input's errors
+    // still stop the run before any request, and the records stay.
+    let (fake, dir, cfg) = setup();
+    dir.write("questions.jsonl", "{\"id\":\"a\",\"question\":\"q\"}\n{\"id\":\"b\",\"question\":\"q\"}\n");
+    dir.write("run.toml", cfg.toml());
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    let before = dir.read("out/dataset.jsonl");
+    let asked = fake.generations().len();
+    dir.write("questions.jsonl", "{\"id\":\"a\",\"question\":\"q\"}\n{\"id\":\"b\",\"question\":\"q\"}\n{\"id\":\"c\",\"question\":\"q\"}\n{\"id\":\"a\",\"question\":\"q\"}\n");
+    dir.run(&["--config", "run.toml"], &[]).expect_code(1).expect_stderr("questions.jsonl:4: duplicate id \"a\" (first at line 1)");
+    dir.write("questions.jsonl", "{\"id\":\"a\",\"question\":\"q\"}\n{\"id\":\"b\",\"question\":\"q\"}\n{\"id\":\"c\",\"nope\":1}\n");
+    dir.run(&["--config", "run.toml"], &[]).expect_code(1).expect_stderr("row c (line 3)");
+    assert_eq!(fake.generations().len(), asked, "no request");
+    assert_eq!(dir.read("out/dataset.jsonl"), before, "the records stay");
+    // Fixed, it resumes: only the new row is asked.
+    dir.write("questions.jsonl", "{\"id\":\"a\",\"question\":\"q\"}\n{\"id\":\"b\",\"question\":\"q\"}\n{\"id\":\"c\",\"question\":\"q\"}\n");
+    dir.run(&["--config", "run.toml"], &[]).expect_code(0);
+    assert_eq!(fake.generations().len(), asked + 1);
+}
+
+#[test]
 fn template_field_missing_from_a_row() {
     let (fake, dir, mut cfg) = setup();
     dir.write("questions.jsonl", "{\"id\":\"a\",\"question\":\"q\",\"topic\":\"t\"}\n{\"id\":\"b\",\"question\":\"q\"}\n");

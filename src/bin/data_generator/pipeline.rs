@@ -240,10 +240,20 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
             return outcome;
         }
     }
-    let prior = if opts.fresh {
-        Prior::default()
+    // A folder to resume: it is read (repaired, its records' keys collected) while the input is
+    // checked (every row read, rendered and keyed), on two threads: on a large batch each takes
+    // seconds. Its error, if any, comes first, as when they ran one after the other.
+    let (prior, asked) = if opts.fresh {
+        (Prior::default(), None)
+    } else if lock.is_some() {
+        let (prior, asked) = std::thread::scope(|s| {
+            let asked = s.spawn(|| planner.asked());
+            let prior = resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some());
+            (prior, asked.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
+        (prior?, Some(asked))
     } else {
-        resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some())?
+        (resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some())?, None)
     };
     if let Some(last) = runs.last_mut().filter(|r| r.status == "running") {
         // Killed (or the machine went down): its own counts never made it to the manifest.
@@ -261,7 +271,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     for note in &prior.repairs {
         eprintln!("repaired: {note}");
     }
-    let plan = planner.check(&prior, opts.redo)?;
+    let plan = match asked {
+        Some(asked) => asked?.plan(&prior, opts.redo),
+        None => planner.check(&prior, opts.redo)?,
+    };
 
     if plan.to_run == 0 {
         start_log(&paths.log)?;
