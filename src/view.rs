@@ -1085,10 +1085,13 @@ pub async fn serve(opts: &ServeOptions, ds: Arc<Dataset>) -> anyhow::Result<Serv
     web::serve(opts, "view --serve", router(ds)).await
 }
 
+/// A route's work, on a blocking thread: the dataset and the query's parameters to an answer.
+type Handler = fn(&Arc<Dataset>, Vec<(String, String)>) -> axum::response::Response;
+
 fn router(ds: Arc<Dataset>) -> axum::Router {
     use axum::http::Uri;
     use axum::routing::get;
-    let with = |f: fn(&Arc<Dataset>, Vec<(String, String)>) -> axum::response::Response| {
+    let with = |f: Handler| {
         let ds = ds.clone();
         get(move |uri: Uri| {
             let ds = ds.clone();
@@ -1247,11 +1250,11 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(t.path().join("dataset.jsonl")).unwrap();
         let line = rec("b", "p2", "needle", "stop", "k2").to_string();
         // A line being written (no newline yet) is not indexed.
-        f.write_all(line[..10].as_bytes()).unwrap();
+        f.write_all(&line.as_bytes()[..10]).unwrap();
         ds.index_now().unwrap();
         assert_eq!(ds.records(&query(&[("q", "needle")])).unwrap()["total"], 0);
         assert_eq!(ds.records(&query(&[])).unwrap()["total"], 1);
-        f.write_all(line[10..].as_bytes()).unwrap();
+        f.write_all(&line.as_bytes()[10..]).unwrap();
         f.write_all(b"\n").unwrap();
         ds.index_now().unwrap();
         // The kept search goes on from where it stopped.

@@ -580,7 +580,8 @@ struct FastReply {
 const FAST_WORDS: &[&str] = &["The ", "sky ", "is ", "blue ", "because ", "air ", "scatters ", "short ", "waves ", "more; ", "日本語 ", "café, ", "\"quoted\" ", "and\n", "🎉 "];
 
 fn fast_reply(kind: FastKind, model: &str, n: usize) -> Arc<FastReply> {
-    static CACHE: std::sync::LazyLock<Mutex<HashMap<(FastKind, String, usize), Arc<FastReply>>>> = std::sync::LazyLock::new(Default::default);
+    type Cache = Mutex<HashMap<(FastKind, String, usize), Arc<FastReply>>>;
+    static CACHE: std::sync::LazyLock<Cache> = std::sync::LazyLock::new(Default::default);
     let key = (kind, model.to_owned(), n);
     if let Some(r) = CACHE.lock().ok().and_then(|c| c.get(&key).cloned()) {
         return r;
