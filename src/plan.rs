@@ -104,6 +104,21 @@ pub struct Plan {
     pub first_to_run: Option<u64>,
 }
 
+impl Plan {
+    /// One request's verdict, from a row at input line `line`.
+    fn count(&mut self, v: Verdict, line: u64) {
+        self.requests += 1;
+        match v {
+            Verdict::Run => {
+                self.to_run += 1;
+                self.first_to_run.get_or_insert(line);
+            }
+            Verdict::AlreadyDone => self.already_done += 1,
+            Verdict::SkipFailed => self.skipped_failed += 1,
+        }
+    }
+}
+
 /// Every request the input asks for, keyed, before the folder is read ([`Planner::asked`]).
 pub struct Asked {
     keys: Vec<u128>,
@@ -116,19 +131,10 @@ pub struct Asked {
 impl Asked {
     /// The plan: [`Planner::check`]'s counts, from the keys against what the folder holds.
     pub fn plan(&self, prior: &Prior, redo: Redo) -> Plan {
-        let mut plan = Plan { rows: self.lines.len() as u64, requests: self.keys.len() as u64, ..Plan::default() };
+        let mut plan = Plan { rows: self.lines.len() as u64, ..Plan::default() };
         for (i, k) in self.keys.iter().enumerate() {
-            match verdict(prior, redo, *k) {
-                Verdict::Run => {
-                    plan.to_run += 1;
-                    if plan.first_to_run.is_none() {
-                        let line = self.lines[i / self.samples.max(1) as usize];
-                        plan.first_to_run = Some(if line == u32::MAX { 0 } else { u64::from(line) });
-                    }
-                }
-                Verdict::AlreadyDone => plan.already_done += 1,
-                Verdict::SkipFailed => plan.skipped_failed += 1,
-            }
+            let line = self.lines[i / self.samples.max(1) as usize];
+            plan.count(verdict(prior, redo, *k), if line == u32::MAX { 0 } else { u64::from(line) });
         }
         plan
     }
@@ -304,15 +310,7 @@ impl Planner {
         let prompt = self.render(row)?;
         plan.rows += 1;
         for sample in 0..self.cfg.run().samples_per_prompt {
-            plan.requests += 1;
-            match verdict(prior, redo, self.request(&row.id, &prompt, sample).2) {
-                Verdict::Run => {
-                    plan.to_run += 1;
-                    plan.first_to_run.get_or_insert(row.line);
-                }
-                Verdict::AlreadyDone => plan.already_done += 1,
-                Verdict::SkipFailed => plan.skipped_failed += 1,
-            }
+            plan.count(verdict(prior, redo, self.request(&row.id, &prompt, sample).2), row.line);
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -172,28 +173,11 @@ struct Light<'a> {
     stage: Option<Cow<'a, str>>,
 }
 
-/// The fields a search looks in.
+/// The texts of a line: what a search looks in, and what a table row shows (borrowed: an
+/// unescaped text is not copied).
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct Texts<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    prompt: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    response: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    thinking: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    error: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    last_reply: Option<Cow<'a, str>>,
-}
-
-/// The fields a table row shows.
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct RowFields<'a> {
     #[serde(borrow)]
     id: Cow<'a, str>,
     #[serde(deserialize_with = "lenient")]
@@ -205,7 +189,11 @@ struct RowFields<'a> {
     #[serde(borrow)]
     response: Option<Cow<'a, str>>,
     #[serde(borrow)]
+    thinking: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     error: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    last_reply: Option<Cow<'a, str>>,
     #[serde(borrow)]
     finished_at: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -452,6 +440,7 @@ impl Dataset {
         let mut buf = Vec::new();
         let (mut malformed, mut first_bad) = (0u64, None);
         let mut flush: Option<Vec<Entry>> = None;
+        let mut seen_done: Vec<(String, u8)> = Vec::new();
         loop {
             buf.clear();
             let n = r.read_until(b'\n', &mut buf)?;
@@ -466,8 +455,16 @@ impl Dataset {
             }
             match serde_json::from_slice::<Light>(body) {
                 Ok(light) if n - 1 <= u32::MAX as usize => {
+                    // The few done reasons, looked up here first: the shared table only for a new one.
                     let done = match light.done_reason.as_deref() {
-                        Some(d) => self.intern_done(d),
+                        Some(d) => match seen_done.iter().find(|(x, _)| x == d) {
+                            Some((_, i)) => *i,
+                            None => {
+                                let i = self.intern_done(d);
+                                seen_done.push((d.to_owned(), i));
+                                i
+                            }
+                        },
                         None => NONE,
                     };
                     let stage = if spec.failures {
@@ -956,7 +953,7 @@ impl Dataset {
     }
 
     fn row(&self, n: u32, e: &Entry, line: &[u8], done_reasons: &[String]) -> Value {
-        let f: RowFields = serde_json::from_slice(line).unwrap_or_default();
+        let f: Texts = serde_json::from_slice(line).unwrap_or_default();
         let failed = e.flags & FAILED != 0;
         json!({
             "n": n,
@@ -1125,7 +1122,7 @@ fn router(ds: Arc<Dataset>) -> axum::Router {
                 };
                 match ds.record(&loc) {
                     Ok(Some(j)) => web::json(j),
-                    Ok(None) => (axum::http::StatusCode::NOT_FOUND, "no such record\n").into_response_(),
+                    Ok(None) => (axum::http::StatusCode::NOT_FOUND, "no such record\n").into_response(),
                     Err(e) => server_error(e),
                 }
             }),
@@ -1143,18 +1140,7 @@ fn router(ds: Arc<Dataset>) -> axum::Router {
 }
 
 fn server_error(e: io::Error) -> axum::response::Response {
-    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the dataset: {e}\n")).into_response_()
-}
-
-/// `IntoResponse` without importing the trait into every closure.
-trait IntoResponse_ {
-    fn into_response_(self) -> axum::response::Response;
-}
-
-impl<T: axum::response::IntoResponse> IntoResponse_ for T {
-    fn into_response_(self) -> axum::response::Response {
-        self.into_response()
-    }
+    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the dataset: {e}\n")).into_response()
 }
 
 #[cfg(test)]

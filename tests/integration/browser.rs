@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::fake_ollama::{FakeOllama, Options};
-use crate::util::{read_jsonl, spawn_with, write_questions, ConfigBuilder, Dir};
+use crate::util::{read_jsonl, spawn_until_line, write_questions, ConfigBuilder, Dir};
 
 const PAYLOAD: &str = "<img src=x onerror=alert(1)></script> 日本語 🎉";
 
@@ -113,19 +113,7 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     let mut cfg = ConfigBuilder::new(&fake.url());
     cfg.run = "concurrency = 2\n".into();
     dir.write("run.toml", cfg.toml());
-    let mut run = spawn_with(&dir, &["--config", "run.toml", "--progress", "none", "--serve", "127.0.0.1:0"], Stdio::null(), Stdio::piped());
-    let mut err = run.stderr.take().expect("stderr");
-    let mut seen = String::new();
-    let url = loop {
-        let mut b = [0u8; 256];
-        let n = err.read(&mut b).expect("stderr");
-        assert!(n > 0, "the run ended before printing the URL: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&b[..n]));
-        if let Some(url) = seen.lines().find_map(|l| l.strip_prefix("live view: ")).filter(|_| seen.contains('\n')) {
-            break url.trim().to_owned();
-        }
-    };
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let (mut run, url, _stderr) = spawn_until_line(&dir, &["--config", "run.toml", "--progress", "none", "--serve", "127.0.0.1:0"], "live view: ");
 
     let d = driver();
     let sid = session(&d);
@@ -170,18 +158,7 @@ fn the_view_page_lists_a_finished_dataset_and_finds_a_record_by_search() {
     let stored = read_jsonl(&dir.join("out/dataset.jsonl"));
 
     // With a token (as off loopback): the page, its scripts and its data all load.
-    let mut view = spawn_with(&dir, &["view", "out", "--serve", "127.0.0.1:0", "--serve-token", "0123456789abcdef-browser-test"], Stdio::null(), Stdio::piped());
-    let mut err = view.stderr.take().expect("stderr");
-    let mut seen = String::new();
-    let url = loop {
-        let mut b = [0u8; 256];
-        let n = err.read(&mut b).expect("stderr");
-        assert!(n > 0, "view ended before printing the URL: {seen}");
-        seen.push_str(&String::from_utf8_lossy(&b[..n]));
-        if let Some(url) = seen.lines().find_map(|l| l.strip_prefix("view: ")).filter(|_| seen.contains('\n')) {
-            break url.trim().to_owned();
-        }
-    };
+    let (mut view, url, _stderr) = spawn_until_line(&dir, &["view", "out", "--serve", "127.0.0.1:0", "--serve-token", "0123456789abcdef-browser-test"], "view: ");
     let d = driver();
     let sid = session(&d);
     wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": url})));

@@ -5,35 +5,18 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::fake_ollama::{FakeOllama, Options};
-use crate::util::{read_jsonl, spawn_with, write_questions, ConfigBuilder, Dir};
+use crate::util::{read_jsonl, spawn_until_line, write_questions, ConfigBuilder, Dir};
 
-/// Starts a run with `--serve ADDR`; returns it and the URL it printed (stderr is drained by a
-/// thread into the returned channel's lines).
-#[allow(clippy::zombie_processes)] // every caller waits for or kills the child
+/// Starts a run with `--serve ADDR`; returns it, the URL it printed and its later stderr lines.
 fn start(dir: &Dir, serve: &str) -> (Child, String, mpsc::Receiver<String>) {
-    let mut child = spawn_with(dir, &["--config", "run.toml", "--progress", "none", "--serve", serve], Stdio::null(), Stdio::piped());
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let start = Instant::now();
-    loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("the run prints the live view's URL");
-        if let Some(url) = line.strip_prefix("live view: ") {
-            return (child, url.to_owned(), rx);
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no URL");
-    }
+    spawn_until_line(dir, &["--config", "run.toml", "--progress", "none", "--serve", serve], "live view: ")
 }
 
 /// host:port and the token of a printed URL.

@@ -173,6 +173,28 @@ pub fn spawn_with(dir: &Dir, args: &[&str], stdout: Stdio, stderr: Stdio) -> Chi
         .expect("spawn data_generator")
 }
 
+/// Starts the binary in `dir` and waits for the line of its stderr that starts with `prefix`
+/// (where a page's URL is printed): the child, the rest of that line, and stderr's later lines
+/// (read by a thread to the end, so the child never blocks on a full pipe).
+#[allow(clippy::zombie_processes)] // every caller waits for or kills the child
+pub fn spawn_until_line(dir: &Dir, args: &[&str], prefix: &str) -> (Child, String, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = spawn_with(dir, args, Stdio::null(), Stdio::piped());
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|e| panic!("no line starting {prefix:?} on stderr: {e}"));
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return (child, rest.trim().to_owned(), rx);
+        }
+    }
+}
+
 /// [`spawn_with`], output captured.
 pub fn spawn(dir: &Dir, args: &[&str]) -> Child {
     spawn_with(dir, args, Stdio::piped(), Stdio::piped())

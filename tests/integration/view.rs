@@ -2,37 +2,20 @@
 //! the files hold; one record whole; a folder a run is still writing; a multi-stage folder by
 //! stage and keep; the summary; the token off loopback; fixed routes; errors that name the folder.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::fake_ollama::{FakeOllama, Options};
 use crate::live::{get, parts};
-use crate::util::{read_jsonl, spawn_with, wait_for, write_questions, ConfigBuilder, Dir};
+use crate::util::{read_jsonl, spawn_until_line, wait_for, write_questions, ConfigBuilder, Dir};
 
 /// `view` of `folder` (relative to `dir`) at `serve`: the child and the URL it printed.
-#[allow(clippy::zombie_processes)] // the Viewer kills it
 fn start_view(dir: &Dir, folder: &str, serve: &str) -> Viewer {
-    let mut child = spawn_with(dir, &["view", folder, "--serve", serve], Stdio::null(), Stdio::piped());
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let start = Instant::now();
-    loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("view prints its URL");
-        if let Some(url) = line.strip_prefix("view: ") {
-            let (host, token) = parts(url);
-            return Viewer { child, host, token, url: url.to_owned() };
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "no URL");
-    }
+    let (child, url, _) = spawn_until_line(dir, &["view", folder, "--serve", serve], "view: ");
+    let (host, token) = parts(&url);
+    Viewer { child, host, token, url }
 }
 
 struct Viewer {
