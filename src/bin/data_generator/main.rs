@@ -58,13 +58,15 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ViewArgs {
-    /// An output folder (of a finished run, or of one still going: new records show as they come).
+    /// An output folder (of a finished run, or of one still going: new records show as they
+    /// come), or a dataset file in one.
     dir: PathBuf,
     /// Where to serve the page (port 0 picks a free one). Any address but loopback needs a
     /// token: one is made (or give --serve-token).
     #[arg(long, value_name = "ADDR", default_value = data_generator::web::DEFAULT_ADDR)]
     serve: String,
-    /// The page's token (default: made at random when the address is not loopback).
+    /// The page's token, at least 16 characters (default: made at random when the address is
+    /// not loopback).
     #[arg(long, value_name = "TOKEN", env = "DATA_GENERATOR_SERVE_TOKEN", hide_env_values = true)]
     serve_token: Option<String>,
 }
@@ -118,7 +120,8 @@ struct RunArgs {
     /// a free one). Any address but loopback needs a token: one is made (or give --serve-token).
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = data_generator::web::DEFAULT_ADDR)]
     serve: Option<String>,
-    /// The live view's token (default: made at random when the address is not loopback).
+    /// The live view's token, at least 16 characters (default: made at random when the address
+    /// is not loopback).
     #[arg(long, value_name = "TOKEN", env = "DATA_GENERATOR_SERVE_TOKEN", hide_env_values = true)]
     serve_token: Option<String>,
     /// Do not retry the requests that failed in earlier runs (in failures.jsonl).
