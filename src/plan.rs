@@ -6,6 +6,7 @@
 //! the counts), then streamed again by [`Planner::jobs`] as the run dispatches, so a large batch is
 //! never held in memory.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
@@ -186,27 +187,52 @@ impl Planner {
 
     /// [`Planner::request`] of a later stage, whose key chains its parent's.
     pub fn chained_request(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>) -> (Map<String, Value>, Option<i64>, u128) {
+        let (options, seed) = self.sample_options(id, sample);
+        let key = self.key_with(id, prompt, sample, parent, &options);
+        (options.into_owned(), seed, key)
+    }
+
+    /// The options of sample `sample` of row `id` and its seed: the configured options, or a
+    /// copy with the sample's own seed when several samples derive one.
+    fn sample_options(&self, id: &str, sample: u32) -> (Cow<'_, Map<String, Value>>, Option<i64>) {
         let cfg = &self.cfg;
-        let mut options = cfg.options().clone();
-        let seed = options.get("seed").and_then(Value::as_i64).map(|s| {
-            let derived = request::derive_seed(s, cfg.run().samples_per_prompt, id, sample);
-            options.insert("seed".into(), json!(derived));
-            derived
-        });
-        let key = RequestKey {
+        let options = cfg.options();
+        match options.get("seed").and_then(Value::as_i64) {
+            None => (Cow::Borrowed(options), None),
+            Some(s) => {
+                let derived = request::derive_seed(s, cfg.run().samples_per_prompt, id, sample);
+                if derived == s {
+                    (Cow::Borrowed(options), Some(s))
+                } else {
+                    let mut o = options.clone();
+                    o.insert("seed".into(), json!(derived));
+                    (Cow::Owned(o), Some(derived))
+                }
+            }
+        }
+    }
+
+    /// The key of sample `sample` of a rendered row (see [`RequestKey`]), without making its job.
+    fn key(&self, id: &str, prompt: &str, sample: u32) -> u128 {
+        let (options, _) = self.sample_options(id, sample);
+        self.key_with(id, prompt, sample, None, &options)
+    }
+
+    fn key_with(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>, options: &Map<String, Value>) -> u128 {
+        let cfg = &self.cfg;
+        RequestKey {
             id,
             sample,
             model: &cfg.backend().model,
             api: &self.api,
             system: cfg.system.as_deref(),
             prompt,
-            options: &options,
+            options,
             think: cfg.backend().think.as_ref(),
             schema: cfg.schema.as_ref().map(|s| &s.value),
             parent,
         }
-        .value();
-        (options, seed, key)
+        .value()
     }
 
     /// Sample `sample` of a rendered row.
@@ -295,7 +321,7 @@ impl Planner {
             let prompt = self.render(&row)?;
             asked.lines.push(u32::try_from(row.line).unwrap_or(u32::MAX));
             for sample in 0..samples {
-                asked.keys.push(self.request(&row.id, &prompt, sample).2);
+                asked.keys.push(self.key(&row.id, &prompt, sample));
             }
         }
         if asked.lines.is_empty() {
@@ -310,7 +336,7 @@ impl Planner {
         let prompt = self.render(row)?;
         plan.rows += 1;
         for sample in 0..self.cfg.run().samples_per_prompt {
-            plan.count(verdict(prior, redo, self.request(&row.id, &prompt, sample).2), row.line);
+            plan.count(verdict(prior, redo, self.key(&row.id, &prompt, sample)), row.line);
         }
         Ok(())
     }
@@ -365,9 +391,10 @@ impl Planner {
                     let first = seq;
                     seq += u64::from(samples);
                     Box::new((0..samples).filter_map(move |sample| {
-                        let request = self.request(&row.id, &prompt, sample);
-                        (verdict(prior, redo, request.2) == Verdict::Run)
-                            .then(|| Ok(self.job_of(first + u64::from(sample) + 1, &row, &prompt, sample, request)))
+                        let (options, seed) = self.sample_options(&row.id, sample);
+                        let key = self.key_with(&row.id, &prompt, sample, None, &options);
+                        (verdict(prior, redo, key) == Verdict::Run)
+                            .then(|| Ok(self.job_of(first + u64::from(sample) + 1, &row, &prompt, sample, (options.into_owned(), seed, key))))
                     }))
                 }
             }
@@ -380,7 +407,7 @@ impl Planner {
         for r in self.rendered()? {
             let (row, prompt) = r?;
             for sample in 0..self.cfg.run().samples_per_prompt {
-                keys.insert(self.request(&row.id, &prompt, sample).2);
+                keys.insert(self.key(&row.id, &prompt, sample));
             }
         }
         Ok(keys)

@@ -119,10 +119,54 @@ struct CanonicalOptions<'a> {
     think: Option<&'a Value>,
 }
 
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// The two hashes of [`RequestKey::value`] over bytes written to it, in one pass (two
+/// independent chains, so the second costs little).
+struct KeyHasher {
+    a: u64,
+    b: u64,
+}
+
+impl KeyHasher {
+    fn new() -> KeyHasher {
+        let a: u64 = fnv1a64(&[]);
+        // The state of the second hash after its first part ("k2" and the part separator).
+        let b = b"k2".iter().fold(a, |h, x| (h ^ u64::from(*x)).wrapping_mul(FNV_PRIME));
+        KeyHasher { a, b: (b ^ 0xff).wrapping_mul(FNV_PRIME) }
+    }
+
+    fn finish(&self) -> u128 {
+        let a = (self.a ^ 0xff).wrapping_mul(FNV_PRIME);
+        let b = (self.b ^ 0xff).wrapping_mul(FNV_PRIME);
+        (u128::from(a) << 64) | u128::from(splitmix64(b))
+    }
+}
+
+impl std::io::Write for KeyHasher {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (mut a, mut b) = (self.a, self.b);
+        for x in buf {
+            a = (a ^ u64::from(*x)).wrapping_mul(FNV_PRIME);
+            b = (b ^ u64::from(*x)).wrapping_mul(FNV_PRIME);
+        }
+        (self.a, self.b) = (a, b);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl RequestKey<'_> {
     /// The canonical bytes of the request.
     pub fn canonical(&self) -> Vec<u8> {
-        let c = Canonical {
+        serde_json::to_vec(&self.canonical_form()).unwrap_or_default()
+    }
+
+    fn canonical_form(&self) -> Canonical<'_> {
+        Canonical {
             api: self.api,
             id: self.id,
             model: self.model,
@@ -132,29 +176,18 @@ impl RequestKey<'_> {
             sample: self.sample,
             system: self.system,
             v: 1,
-        };
-        serde_json::to_vec(&c).unwrap_or_default()
+        }
     }
 
     /// The key as a number: two 64-bit hashes of the canonical bytes, `fnv1a64([canon])` and
     /// `splitmix64(fnv1a64(["k2", canon]))`, computed in one pass (two independent chains, so
     /// the second costs little).
     pub fn value(&self) -> u128 {
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let canon = self.canonical();
-        let mut a: u64 = fnv1a64(&[]);
-        // The state of the second hash after its first part ("k2" and the part separator).
-        let mut b = b"k2".iter().fold(a, |h, x| (h ^ u64::from(*x)).wrapping_mul(PRIME));
-        b = (b ^ 0xff).wrapping_mul(PRIME);
-        for x in &canon {
-            a = (a ^ u64::from(*x)).wrapping_mul(PRIME);
-            b = (b ^ u64::from(*x)).wrapping_mul(PRIME);
-        }
-        a = (a ^ 0xff).wrapping_mul(PRIME);
-        b = (b ^ 0xff).wrapping_mul(PRIME);
-        (u128::from(a) << 64) | u128::from(splitmix64(b))
+        let mut h = KeyHasher::new();
+        // Written straight into the hashes: the canonical bytes are never held.
+        let _ = serde_json::to_writer(&mut h, &self.canonical_form());
+        h.finish()
     }
-
     /// 32 hex digits (see [`RequestKey::value`]).
     pub fn hash(&self) -> String {
         format!("{:032x}", self.value())
