@@ -187,9 +187,15 @@ impl Planner {
 
     /// [`Planner::request`] of a later stage, whose key chains its parent's.
     pub fn chained_request(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>) -> (Map<String, Value>, Option<i64>, u128) {
+        let (options, seed, key) = self.keyed(id, prompt, sample, parent);
+        (options.into_owned(), seed, key)
+    }
+
+    /// The options, seed and key of a request, the options borrowed when they are the configured ones.
+    fn keyed(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>) -> (Cow<'_, Map<String, Value>>, Option<i64>, u128) {
         let (options, seed) = self.sample_options(id, sample);
         let key = self.key_with(id, prompt, sample, parent, &options);
-        (options.into_owned(), seed, key)
+        (options, seed, key)
     }
 
     /// The options of sample `sample` of row `id` and its seed: the configured options, or a
@@ -214,8 +220,7 @@ impl Planner {
 
     /// The key of sample `sample` of a rendered row (see [`RequestKey`]), without making its job.
     fn key(&self, id: &str, prompt: &str, sample: u32) -> u128 {
-        let (options, _) = self.sample_options(id, sample);
-        self.key_with(id, prompt, sample, None, &options)
+        self.keyed(id, prompt, sample, None).2
     }
 
     fn key_with(&self, id: &str, prompt: &str, sample: u32, parent: Option<u128>, options: &Map<String, Value>) -> u128 {
@@ -391,8 +396,7 @@ impl Planner {
                     let first = seq;
                     seq += u64::from(samples);
                     Box::new((0..samples).filter_map(move |sample| {
-                        let (options, seed) = self.sample_options(&row.id, sample);
-                        let key = self.key_with(&row.id, &prompt, sample, None, &options);
+                        let (options, seed, key) = self.keyed(&row.id, &prompt, sample, None);
                         (verdict(prior, redo, key) == Verdict::Run)
                             .then(|| Ok(self.job_of(first + u64::from(sample) + 1, &row, &prompt, sample, (options.into_owned(), seed, key))))
                     }))

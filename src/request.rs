@@ -188,6 +188,7 @@ impl RequestKey<'_> {
         let _ = serde_json::to_writer(&mut h, &self.canonical_form());
         h.finish()
     }
+
     /// 32 hex digits (see [`RequestKey::value`]).
     pub fn hash(&self) -> String {
         format!("{:032x}", self.value())
