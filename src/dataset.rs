@@ -7,13 +7,14 @@
 //! so a power cut loses at most that many seconds of records.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::config::OutputFormat;
+use crate::index::{self, IndexWriter};
 use crate::record::{csv_columns, Failure, Record};
 
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
@@ -167,6 +168,10 @@ pub trait RecordSink: Send {
     fn write(&mut self, record: &Record) -> io::Result<()>;
     fn sync(&mut self) -> io::Result<()>;
     fn path(&self) -> &Path;
+    /// Where it ends: its length in bytes (what was written whole).
+    fn end(&self) -> u64;
+    /// Takes the last record written back out.
+    fn cut_last(&mut self) -> io::Result<()>;
 }
 
 /// A file that only grows, one whole entry per write. A write that fails part-way (a full disk)
@@ -175,6 +180,8 @@ pub struct AppendFile {
     file: File,
     path: PathBuf,
     len: u64,
+    /// The length before the last append.
+    before: u64,
 }
 
 impl AppendFile {
@@ -185,7 +192,7 @@ impl AppendFile {
             .open(path)
             .map_err(|source| DatasetError::Open { path: path.to_owned(), source })?;
         let len = file.metadata().map_err(|source| DatasetError::Open { path: path.to_owned(), source })?.len();
-        Ok(AppendFile { file, path: path.to_owned(), len })
+        Ok(AppendFile { file, path: path.to_owned(), len, before: len })
     }
 
     pub fn len(&self) -> u64 {
@@ -199,6 +206,7 @@ impl AppendFile {
     pub fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self.file.write_all(bytes) {
             Ok(()) => {
+                self.before = self.len;
                 self.len += bytes.len() as u64;
                 Ok(())
             }
@@ -215,6 +223,13 @@ impl AppendFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes the last append back out (once).
+    pub fn cut_last(&mut self) -> io::Result<()> {
+        self.file.set_len(self.before)?;
+        self.len = self.before;
+        Ok(())
     }
 }
 
@@ -278,6 +293,12 @@ impl RecordSink for JsonlFile {
     fn path(&self) -> &Path {
         self.file.path()
     }
+    fn end(&self) -> u64 {
+        self.file.len()
+    }
+    fn cut_last(&mut self) -> io::Result<()> {
+        self.file.cut_last()
+    }
 }
 
 /// RFC 4180 CSV with a header row, formatted by the `csv` crate so commas, quotes and newlines in
@@ -325,11 +346,24 @@ impl RecordSink for CsvFile {
     fn path(&self) -> &Path {
         self.file.path()
     }
+    fn end(&self) -> u64 {
+        self.file.len()
+    }
+    fn cut_last(&mut self) -> io::Result<()> {
+        self.file.cut_last()
+    }
 }
 
 /// Every open output file of a run.
 pub struct Dataset {
     sinks: Vec<Box<dyn RecordSink>>,
+    /// Where the JSONL and the CSV are in `sinks`.
+    jsonl: Option<usize>,
+    csv: Option<usize>,
+    /// The dataset's index (see [`crate::index`]), while the JSONL is written and the index
+    /// ends where the files do.
+    index: Option<IndexWriter>,
+    dir: PathBuf,
     failures: JsonlFile,
     last_sync: Instant,
     dirty: bool,
@@ -341,21 +375,60 @@ impl Dataset {
     pub fn open(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Result<Dataset, DatasetError> {
         paths.create_dir()?;
         let mut sinks: Vec<Box<dyn RecordSink>> = Vec::new();
+        let (mut jsonl, mut csv) = (None, None);
         for f in formats {
-            sinks.push(match f {
-                OutputFormat::Jsonl => Box::new(JsonlFile::open(&paths.jsonl)?),
-                OutputFormat::Csv => Box::new(CsvFile::open(&paths.csv, schema)?),
-            });
+            match f {
+                OutputFormat::Jsonl => {
+                    jsonl = Some(sinks.len());
+                    sinks.push(Box::new(JsonlFile::open(&paths.jsonl)?));
+                }
+                OutputFormat::Csv => {
+                    csv = Some(sinks.len());
+                    sinks.push(Box::new(CsvFile::open(&paths.csv, schema)?));
+                }
+            }
         }
         let failures = JsonlFile::open(&paths.failures)?;
-        Ok(Dataset { sinks, failures, last_sync: Instant::now(), dirty: false })
+        let index = match jsonl {
+            Some(j) => {
+                let files = index::Files { jsonl: &paths.jsonl, jsonl_len: sinks[j].end(), csv: csv.map(|c| (paths.csv.as_path(), sinks[c].end(), 0)) };
+                // Without it, resume reads the dataset itself: slower, never wrong.
+                IndexWriter::open(&paths.dir, index::Flags { csv: csv.is_some(), schema }, files).unwrap_or_else(|e| {
+                    tracing::warn!("cannot write {}: {e}; a resume will read the dataset instead", paths.dir.join(index::INDEX_FILE).display());
+                    None
+                })
+            }
+            None => None,
+        };
+        Ok(Dataset { sinks, jsonl, csv, index, dir: paths.dir.clone(), failures, last_sync: Instant::now(), dirty: false })
     }
 
     pub fn write_record(&mut self, record: &Record) -> Result<(), DatasetError> {
-        for s in &mut self.sinks {
-            s.write(record).map_err(|source| DatasetError::Write { path: s.path().to_owned(), source })?;
+        for i in 0..self.sinks.len() {
+            if let Err(source) = self.sinks[i].write(record) {
+                // In every file or in none: the files written before this one lose it again, so
+                // that the dataset and the counts agree (the next run does the request).
+                for s in &mut self.sinks[..i] {
+                    let _ = s.cut_last();
+                }
+                return Err(DatasetError::Write { path: self.sinks[i].path().to_owned(), source });
+            }
+        }
+        if let (Some(ix), Some(j)) = (self.index.as_mut(), self.jsonl) {
+            let entry = index::Entry::of(record, self.sinks[j].end(), self.csv.map_or(0, |c| self.sinks[c].end()));
+            if let Err(e) = ix.push(&entry) {
+                self.drop_index(&e);
+            }
         }
         self.written()
+    }
+
+    /// Stops keeping the index after it could not be written (a full disk): it is removed, and
+    /// the next resume reads the dataset itself.
+    fn drop_index(&mut self, e: &io::Error) {
+        tracing::warn!("cannot write {}: {e}; a resume will read the dataset instead", self.dir.join(index::INDEX_FILE).display());
+        self.index = None;
+        index::remove(&self.dir);
     }
 
     pub fn write_failure(&mut self, failure: &Failure) -> Result<(), DatasetError> {
@@ -376,6 +449,9 @@ impl Dataset {
     pub fn sync(&mut self) -> Result<(), DatasetError> {
         if !self.dirty {
             return Ok(());
+        }
+        if let Some(Err(e)) = self.index.as_mut().map(IndexWriter::flush) {
+            self.drop_index(&e);
         }
         for s in &mut self.sinks {
             s.sync().map_err(|source| DatasetError::Write { path: s.path().to_owned(), source })?;
@@ -541,12 +617,28 @@ pub struct JsonlReader<T> {
     reader: BufReader<File>,
     buf: Vec<u8>,
     line: u64,
+    /// Where the last line read ends.
+    offset: u64,
     _item: PhantomData<fn() -> T>,
 }
 
 impl<T: serde::de::DeserializeOwned> JsonlReader<T> {
     pub fn open(path: &Path) -> io::Result<JsonlReader<T>> {
-        Ok(JsonlReader { reader: BufReader::with_capacity(256 * 1024, File::open(path)?), buf: Vec::new(), line: 0, _item: PhantomData })
+        JsonlReader::open_at(path, 0)
+    }
+
+    /// Reads from byte `offset` on (the start of a line); line numbers count from there.
+    pub fn open_at(path: &Path, offset: u64) -> io::Result<JsonlReader<T>> {
+        let mut f = File::open(path)?;
+        if offset > 0 {
+            f.seek(SeekFrom::Start(offset))?;
+        }
+        Ok(JsonlReader { reader: BufReader::with_capacity(256 * 1024, f), buf: Vec::new(), line: 0, offset, _item: PhantomData })
+    }
+
+    /// Where the last line read ends (after its newline).
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 }
 
@@ -559,7 +651,7 @@ impl<T: serde::de::DeserializeOwned> Iterator for JsonlReader<T> {
             self.buf.clear();
             match self.reader.read_until(b'\n', &mut self.buf) {
                 Ok(0) => return None,
-                Ok(_) => {}
+                Ok(n) => self.offset += n as u64,
                 Err(e) => return Some(Err(e)),
             }
             self.line += 1;

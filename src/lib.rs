@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod endpoints;
 pub mod export;
 pub mod framing;
+pub mod index;
 pub mod input;
 pub mod live;
 pub mod inspect;

@@ -10,10 +10,11 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use crate::config::OutputFormat;
+use crate::index::{self, Covered};
 use crate::dataset::{CsvFile, JsonlReader, OutputPaths, RecordSink};
 use crate::record::{csv_columns, Record};
 
@@ -129,6 +130,69 @@ pub struct Prior {
     pub failures_since: u64,
     /// What was repaired, for the log and the user.
     pub repairs: Vec<String>,
+    /// How the records were read (from the index or the dataset), for the log.
+    pub read_note: String,
+}
+
+/// What became of the dataset's index when the records were read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IndexRead {
+    /// Not kept for these files (no JSONL, or `check` of a CSV-only folder).
+    NotKept,
+    Missing,
+    /// It held for the files: the records it covers were taken from it.
+    Held,
+    /// It did not hold for the files (edited, or written for other formats): the dataset was read.
+    DidNotHold,
+}
+
+impl Prior {
+    /// One more record: its key is done; the latest record of a key says whether it is
+    /// truncated (a later whole one clears it).
+    fn note(&mut self, key: Option<u128>, truncated: bool) {
+        self.records += 1;
+        if let Some(k) = key {
+            self.done.insert(k);
+            if truncated {
+                self.truncated.insert(k);
+            } else if !self.truncated.is_empty() {
+                self.truncated.remove(&k);
+            }
+        }
+    }
+}
+
+/// The records read from the dataset's files rather than from its index (every record when
+/// there is no index that holds), in order: what the CSV is reconciled with and the index
+/// extended by. 32 bytes a record, 40 with a CSV.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Each record's key; 0 for a record whose key is not one of ours.
+    keys: Vec<u128>,
+    jsonl_ends: Vec<u64>,
+    /// Each record's `finished_at` (milliseconds), and its top bit for `done_reason: length`.
+    meta: Vec<u64>,
+    /// Where each record's CSV row ends, once the CSV is reconciled.
+    csv_ends: Vec<u64>,
+}
+
+impl Tail {
+    fn push(&mut self, key: Option<u128>, jsonl_end: u64, truncated: bool, finished_at: &str) {
+        self.keys.push(key.unwrap_or(0));
+        self.jsonl_ends.push(jsonl_end);
+        self.meta.push(index::millis(finished_at) | if truncated { 1 << 63 } else { 0 });
+    }
+
+    /// The index's entries of these records.
+    fn entries(&self) -> impl Iterator<Item = index::Entry> + '_ {
+        (0..self.keys.len()).map(|i| index::Entry {
+            key: (self.keys[i] != 0).then_some(self.keys[i]),
+            jsonl_end: self.jsonl_ends[i],
+            csv_end: self.csv_ends.get(i).copied().unwrap_or(0),
+            truncated: self.meta[i] >> 63 == 1,
+            finished_ms: self.meta[i] & !(1 << 63),
+        })
+    }
 }
 
 /// Cuts an unterminated last line off a line-oriented file, keeping the cut bytes in
@@ -200,20 +264,42 @@ fn save_aside(path: &Path, what: &str, bytes: &[u8]) -> Result<PathBuf, ResumeEr
 
 /// Reads a JSONL file of `T`, calling `each` with every record and its line number.
 fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, mut each: impl FnMut(T, u64)) -> Result<(), ResumeError> {
-    let lines = match JsonlReader::<T>::open(path) {
+    read_jsonl_from(path, 0, |v, line, _| each(v, line))
+}
+
+/// [`read_jsonl`] from byte `from` on (the start of a line), with where each record's line ends.
+fn read_jsonl_from<T: serde::de::DeserializeOwned>(path: &Path, from: u64, mut each: impl FnMut(T, u64, u64)) -> Result<(), ResumeError> {
+    let mut lines = match JsonlReader::<T>::open_at(path, from) {
         Ok(r) => r,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io_err(path)(e)),
     };
-    for item in lines {
+    while let Some(item) = lines.next() {
         match item.map_err(io_err(path))? {
-            (line, Ok(v)) => each(v, line),
+            (line, Ok(v)) => each(v, line, lines.offset()),
             // An unterminated last line is torn: `load` cuts it when it may write; else it is no record.
             (_, Err(bad)) if bad.torn => return Ok(()),
-            (line, Err(bad)) => return Err(ResumeError::BadLine { path: path.to_owned(), line, message: bad.error }),
+            (line, Err(bad)) => {
+                let line = line + lines_before(path, from)?;
+                return Err(ResumeError::BadLine { path: path.to_owned(), line, message: bad.error });
+            }
         }
     }
     Ok(())
+}
+
+/// The number of lines in the first `end` bytes of a file (to number a line read from there).
+fn lines_before(path: &Path, end: u64) -> Result<u64, ResumeError> {
+    let mut n = 0u64;
+    let mut r = BufReader::new(File::open(path).map_err(io_err(path))?).take(end);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let got = r.read(&mut buf).map_err(io_err(path))?;
+        if got == 0 {
+            return Ok(n);
+        }
+        n += memchr::memchr_iter(b'\n', &buf[..got]).count() as u64;
+    }
 }
 
 /// Whether a file's last byte is not a newline (a torn last line).
@@ -228,36 +314,47 @@ fn has_torn_tail(path: &Path) -> Result<bool, ResumeError> {
 
 /// Reads the keys of the dataset's records and failures; with `order`, also each record's key in
 /// file order (0 for a record without one), for reconciling the CSV.
-fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>, since: Option<&str>) -> Result<Prior, ResumeError> {
+fn read_back(paths: &OutputPaths, csv_only: bool, mut tail: Option<&mut Tail>, since: Option<&str>, flags: Option<index::Flags>) -> Result<(Prior, Covered), ResumeError> {
     let mut prior = Prior::default();
     let mut records_since = 0u64;
     let mut failures_since = 0u64;
     // RFC 3339 UTC times of one format compare as text.
     let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
-    let mut order = order;
-    // The latest record of a key says whether it is truncated: a later whole one clears it.
-    let mut note = |key: Option<u128>, truncated: bool| {
-        prior.records += 1;
-        if let Some(o) = order.as_deref_mut() {
-            o.push(key.unwrap_or(0));
-        }
-        if let Some(k) = key {
-            prior.done.insert(k);
-            if truncated {
-                prior.truncated.insert(k);
-            } else if !prior.truncated.is_empty() {
-                prior.truncated.remove(&k);
+    let mut covered = Covered::default();
+    let mut state = IndexRead::NotKept;
+    // The records the index holds, when it holds for these files; the rest from the files.
+    if flags.is_some() && !csv_only {
+        state = if paths.dir.join(index::INDEX_FILE).exists() { IndexRead::DidNotHold } else { IndexRead::Missing };
+    }
+    if let Some(files) = flags.filter(|_| !csv_only).and_then(|f| index_files(paths, f).map(|files| (f, files))) {
+        let since_ms = since.map(index::millis).filter(|m| *m > 0);
+        let mut since_n = 0u64;
+        let read = index::read(&paths.dir, files.0, files.1, |e| {
+            prior.note(e.key, e.truncated);
+            since_n += u64::from(since_ms.is_some_and(|s| e.finished_ms >= s));
+        });
+        match read {
+            Ok(Some(c)) => {
+                covered = c;
+                records_since = since_n;
+                state = IndexRead::Held;
             }
+            // It does not hold (or cannot be read): the dataset is read instead.
+            _ => prior = Prior::default(),
         }
-    };
+    }
     if csv_only {
         for (key, _, truncated) in CsvKeys::open(&paths.csv)? {
-            note(key, truncated);
+            prior.note(key, truncated);
         }
     } else {
-        read_jsonl::<RecordHead>(&paths.jsonl, |r, _| {
+        read_jsonl_from::<RecordHead>(&paths.jsonl, covered.jsonl_end, |r, _, end| {
             records_since += u64::from(after(&r.finished_at));
-            note(parse_key(&r.key), r.done_reason.as_deref() == Some("length"))
+            let (key, truncated) = (parse_key(&r.key), r.done_reason.as_deref() == Some("length"));
+            prior.note(key, truncated);
+            if let Some(t) = tail.as_deref_mut() {
+                t.push(key, end, truncated, &r.finished_at);
+            }
         })?;
     }
     prior.done.seal();
@@ -270,7 +367,28 @@ fn read_back(paths: &OutputPaths, csv_only: bool, order: Option<&mut Vec<u128>>,
     prior.records_since = records_since;
     prior.failures_since = failures_since;
     prior.failed.retain(|k| !prior.done.contains(k));
-    Ok(prior)
+    let file = if csv_only { &paths.csv } else { &paths.jsonl };
+    let (n, rest) = (prior.records, prior.records - covered.records);
+    prior.read_note = match state {
+        IndexRead::Held => format!("{} records from its index {}, {rest} after it from {}", covered.records, index::INDEX_FILE, file.display()),
+        IndexRead::Missing => format!("{n} records from {} (no index yet)", file.display()),
+        IndexRead::DidNotHold => format!("{n} records from {} (its index did not match it: edited, or written for other output formats)", file.display()),
+        IndexRead::NotKept => format!("{n} records from {}", file.display()),
+    };
+    Ok((prior, covered))
+}
+
+/// The dataset files as the index describes them; None when the CSV it should describe is not
+/// one of ours (it is rebuilt from the JSONL, and the index with it).
+fn index_files(paths: &OutputPaths, flags: index::Flags) -> Option<index::Files<'_>> {
+    let jsonl_len = std::fs::metadata(&paths.jsonl).ok()?.len();
+    let csv = if flags.csv {
+        let len = std::fs::metadata(&paths.csv).ok()?.len();
+        Some((paths.csv.as_path(), len, csv_header_end(&paths.csv, Some(flags.schema))?))
+    } else {
+        None
+    };
+    Some(index::Files { jsonl: &paths.jsonl, jsonl_len, csv })
 }
 
 /// Whether the CSV is the only dataset file (no JSONL configured or present).
@@ -280,7 +398,7 @@ fn csv_only(paths: &OutputPaths, formats: &[OutputFormat]) -> bool {
 
 /// Reads what the folder holds without changing anything (for a dry run): torn tails are
 /// noted, not cut, and the CSV is not reconciled.
-pub fn scan(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, ResumeError> {
+pub fn scan(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Result<Prior, ResumeError> {
     refuse_csv_without_jsonl(paths, formats)?;
     let mut notes = Vec::new();
     for p in [&paths.jsonl, &paths.failures] {
@@ -288,7 +406,7 @@ pub fn scan(paths: &OutputPaths, formats: &[OutputFormat]) -> Result<Prior, Resu
             notes.push(format!("{}: has a torn last line; a run will cut it off and keep it aside", p.display()));
         }
     }
-    let mut prior = read_back(paths, csv_only(paths, formats), None, None)?;
+    let (mut prior, _) = read_back(paths, csv_only(paths, formats), None, None, index_flags(paths, formats, schema))?;
     prior.repairs = notes;
     Ok(prior)
 }
@@ -328,13 +446,31 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
         // The CSV is the truth; only its tail can be torn.
         repairs.extend(cut_torn_csv(&paths.csv)?);
     }
-    let mut order = Vec::new();
-    let mut prior = read_back(paths, only_csv, Some(&mut order), since)?;
+    let flags = index_flags(paths, formats, schema);
+    let mut tail = Tail::default();
+    let (mut prior, covered) = read_back(paths, only_csv, Some(&mut tail), since, flags)?;
     if !only_csv && formats.contains(&OutputFormat::Csv) {
-        repairs.extend(reconcile_csv(&paths.csv, &paths.jsonl, &order, schema)?);
+        repairs.extend(reconcile_tail(&paths.csv, &paths.jsonl, &mut tail, covered, schema)?);
+    }
+    if let Some(flags) = flags {
+        // The index made to hold every record, for the next resume (and for this run to extend).
+        if !covered.exact || !tail.keys.is_empty() {
+            match index::rewrite(&paths.dir, flags, covered.records, tail.entries()) {
+                Ok(()) => prior.read_note.push_str(&format!("; index written for {} records", covered.records + tail.keys.len() as u64)),
+                Err(e) => {
+                    index::remove(&paths.dir);
+                    repairs.push(format!("{}: cannot write it ({e}); a resume reads the dataset instead", paths.dir.join(index::INDEX_FILE).display()));
+                }
+            }
+        }
     }
     prior.repairs = repairs;
     Ok(prior)
+}
+
+/// What the dataset's index is written for, when it is kept (the JSONL is written).
+fn index_flags(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Option<index::Flags> {
+    (formats.contains(&OutputFormat::Jsonl) && !csv_only(paths, formats)).then_some(index::Flags { csv: formats.contains(&OutputFormat::Csv), schema })
 }
 
 /// The records of one of our CSV files, one at a time: each one's key, the byte offset where it
@@ -368,6 +504,19 @@ impl CsvKeys {
         }
         let col = |name: &str| header.iter().position(|c| c == name).unwrap_or(0);
         Ok(CsvKeys { key_col: col("key"), reason_col: col("done_reason"), columns: header.len(), reader: Some(r), rec: csv::ByteRecord::new() })
+    }
+}
+
+impl CsvKeys {
+    /// The records from byte `at` on (the start of a record, after the header).
+    fn open_at(path: &Path, at: u64) -> Result<CsvKeys, ResumeError> {
+        let mut keys = CsvKeys::open(path)?;
+        if let Some(r) = keys.reader.as_mut() {
+            let mut pos = csv::Position::new();
+            pos.set_byte(at);
+            r.seek(pos).map_err(|e| io_err(path)(io::Error::other(e)))?;
+        }
+        Ok(keys)
     }
 }
 
@@ -431,17 +580,22 @@ fn truncate_keeping(path: &Path, keep: u64, len: u64) -> Result<Option<String>, 
 
 /// Makes the CSV hold exactly the JSONL's records, in order: keeps the longest prefix that
 /// matches (a record counts only when terminated), cuts the rest aside, re-appends what is missing.
-pub fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) -> Result<Option<String>, ResumeError> {
+/// The records the index holds (`covered`) are in the CSV already, up to `covered.csv_end`; the
+/// others are `tail`'s, whose rows' ends it fills in.
+fn reconcile_tail(csv_path: &Path, jsonl: &Path, tail: &mut Tail, covered: Covered, schema: bool) -> Result<Option<String>, ResumeError> {
     let len = match std::fs::metadata(csv_path) {
         Ok(m) => m.len(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
         Err(e) => return Err(io_err(csv_path)(e)),
     };
+    let order = &tail.keys;
+    tail.csv_ends.clear();
     let header_end = if len == 0 { None } else { csv_header_end(csv_path, Some(schema)) };
     let (matched, keep) = match header_end {
         None if len == 0 => (0, 0),
         None => {
-            // Not our CSV (or a torn header): set it aside whole and rebuild.
+            // Not our CSV (or a torn header): set it aside whole and rebuild. (The index holds no
+            // records then: it is used only beside a CSV of ours.)
             let mut bytes = Vec::new();
             File::open(csv_path).and_then(|mut f| f.read_to_end(&mut bytes)).map_err(io_err(csv_path))?;
             let saved = save_aside(csv_path, "replaced", &bytes)?;
@@ -451,18 +605,19 @@ pub fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool
                 csv_path.display(),
                 saved.display()
             );
-            append_from_jsonl(csv_path, jsonl, 0, schema)?;
+            append_from_jsonl(csv_path, jsonl, covered.jsonl_end, schema, &mut tail.csv_ends)?;
             return Ok(Some(note));
         }
         Some(h) => {
             let mut matched = 0;
-            let mut keep = h;
-            for (i, (k, end, _)) in CsvKeys::open(csv_path)?.enumerate() {
+            let mut keep = if covered.records > 0 { covered.csv_end } else { h };
+            for (i, (k, end, _)) in CsvKeys::open_at(csv_path, keep)?.enumerate() {
                 // A record is complete only when its line ended; the file's last byte must be a newline.
                 let terminated = end < len || ends_with_newline(csv_path, len)?;
                 if i < order.len() && k == Some(order[i]) && order[i] != 0 && terminated {
                     matched += 1;
                     keep = end;
+                    tail.csv_ends.push(end);
                 } else {
                     break;
                 }
@@ -474,10 +629,39 @@ pub fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool
         return Ok(None);
     }
     let cut = if keep < len { truncate_keeping(csv_path, keep, len)? } else { None };
-    let appended = append_from_jsonl(csv_path, jsonl, matched, schema)?;
+    let from = match matched.checked_sub(1) {
+        None => covered.jsonl_end,
+        Some(i) => match tail.jsonl_ends.get(i) {
+            Some(end) => *end,
+            None => record_start(jsonl, matched)?,
+        },
+    };
+    let appended = append_from_jsonl(csv_path, jsonl, from, schema, &mut tail.csv_ends)?;
     let mut note = cut.unwrap_or_else(|| format!("{}: behind the JSONL", csv_path.display()));
     note.push_str(&format!("; re-appended {appended} records from {}", jsonl.display()));
     Ok(Some(note))
+}
+
+/// [`reconcile_tail`] of a JSONL whose records' keys are `order` (a stage's files).
+pub fn reconcile_csv(csv_path: &Path, jsonl: &Path, order: &[u128], schema: bool) -> Result<Option<String>, ResumeError> {
+    let mut tail = Tail { keys: order.to_vec(), ..Tail::default() };
+    reconcile_tail(csv_path, jsonl, &mut tail, Covered::default(), schema)
+}
+
+/// Where record `n` (0-based; blank lines are no records) of a JSONL file starts.
+fn record_start(path: &Path, n: usize) -> Result<u64, ResumeError> {
+    let mut r = BufReader::with_capacity(256 * 1024, File::open(path).map_err(io_err(path))?);
+    let (mut at, mut seen, mut line) = (0u64, 0usize, Vec::new());
+    while seen < n {
+        line.clear();
+        let got = r.read_until(b'\n', &mut line).map_err(io_err(path))?;
+        if got == 0 {
+            break;
+        }
+        at += got as u64;
+        seen += usize::from(!line.iter().all(u8::is_ascii_whitespace));
+    }
+    Ok(at)
 }
 
 fn ends_with_newline(path: &Path, len: u64) -> Result<bool, ResumeError> {
@@ -491,20 +675,22 @@ fn ends_with_newline(path: &Path, len: u64) -> Result<bool, ResumeError> {
     Ok(b[0] == b'\n')
 }
 
-/// Appends the JSONL's records from index `skip` on to the CSV (creating it with its header).
-fn append_from_jsonl(csv_path: &Path, jsonl: &Path, skip: usize, schema: bool) -> Result<u64, ResumeError> {
+/// Appends the JSONL's records from byte `from` on to the CSV (creating it with its header),
+/// pushing where each row ends to `ends`.
+fn append_from_jsonl(csv_path: &Path, jsonl: &Path, from: u64, schema: bool, ends: &mut Vec<u64>) -> Result<u64, ResumeError> {
     let mut sink = CsvFile::open(csv_path, schema).map_err(|e| ResumeError::Io { path: csv_path.to_owned(), source: io::Error::other(e) })?;
     let mut n = 0u64;
-    let mut idx = 0usize;
     let mut failed: Option<io::Error> = None;
-    read_jsonl::<Record>(jsonl, |r, _| {
-        if idx >= skip && failed.is_none() {
+    read_jsonl_from::<Record>(jsonl, from, |r, _, _| {
+        if failed.is_none() {
             match sink.write(&r) {
-                Ok(()) => n += 1,
+                Ok(()) => {
+                    n += 1;
+                    ends.push(sink.end());
+                }
                 Err(e) => failed = Some(e),
             }
         }
-        idx += 1;
     })?;
     if let Some(e) = failed {
         return Err(io_err(csv_path)(e));

@@ -375,3 +375,105 @@ fn check_complete_rows(dir: &Dir, rows: usize) {
     let current: HashSet<&str> = recs.iter().filter(|r| r["prompt"].as_str().is_some_and(|p| p.starts_with("Question: "))).filter_map(|r| r["id"].as_str()).collect();
     assert_eq!(current.len(), rows);
 }
+
+/// The last "read back:" line of the run log: how the run read the folder.
+fn read_back_line(dir: &Dir) -> String {
+    let log = dir.read("out/run.log");
+    log.lines().rfind(|l| l.contains("read back:")).unwrap_or_else(|| panic!("no read back line in run.log:\n{log}")).to_owned()
+}
+
+/// Makes a re-run read the folder (the manifest's fingerprint sees the dataset touched).
+fn touch(path: &std::path::Path) {
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(Command::new("touch").arg(path).status().expect("touch").success());
+}
+
+#[test]
+fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(12);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    dir.write("run.toml", cfg.toml());
+    let run = |dir: &Dir| {
+        let r = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
+        r.expect_code(0);
+        r
+    };
+    run(&dir);
+    let index = dir.join("out/.data_generator.index");
+    let jsonl = dir.join("out/dataset.jsonl");
+    let csv = dir.join("out/dataset.csv");
+    let whole = std::fs::read(&index).expect("the run wrote the index");
+    assert_eq!(whole.len(), 16 + 12 * 40, "a header and one entry a record");
+    assert_eq!(fake.generations().len(), 12);
+
+    // Unchanged: the records come from the index.
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("12 records from its index .data_generator.index, 0 after it"), "{}", read_back_line(&dir));
+
+    // Deleted: the dataset is read and the index written again, the same bytes.
+    std::fs::remove_file(&index).expect("rm index");
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("(no index yet); index written for 12 records"), "{}", read_back_line(&dir));
+    assert_eq!(std::fs::read(&index).expect("index"), whole);
+
+    // Its last entries lost and the last one torn (a crash between syncs): the records after it
+    // are read from the dataset, and it is whole again.
+    std::fs::write(&index, &whole[..whole.len() - 3 * 40 - 7]).expect("cut index");
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("8 records from its index .data_generator.index, 4 after it"), "{}", read_back_line(&dir));
+    assert_eq!(std::fs::read(&index).expect("index"), whole);
+    assert_eq!(fake.generations().len(), 12, "nothing asked again");
+
+    // A line deleted from the middle of the JSONL: the index does not match, the dataset is read,
+    // the CSV is cut to match, and exactly that row runs again.
+    let text = dir.read("out/dataset.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    let dropped: Value = serde_json::from_str(lines[5]).expect("json");
+    let kept: String = lines.iter().enumerate().filter(|(i, _)| *i != 5).map(|(_, l)| format!("{l}\n")).collect();
+    std::fs::write(&jsonl, kept).expect("write");
+    run(&dir).expect_stdout("1 of 1 requests done");
+    assert!(read_back_line(&dir).contains("11 records from ") && read_back_line(&dir).contains("dataset.jsonl (its index did not match it"), "{}", read_back_line(&dir));
+    let again: Vec<String> = fake.generations()[12..].iter().filter_map(|g| g.prompt.clone()).collect();
+    assert_eq!(again, vec![dropped["prompt"].as_str().unwrap_or_default().to_owned()], "only the deleted row ran again");
+    check_complete(&dir, 12, 1);
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("12 records from its index"), "the run extended the index it rewrote: {}", read_back_line(&dir));
+
+    // A row deleted from the middle of the CSV: the index does not match; the CSV is repaired
+    // from the JSONL and nothing is asked.
+    let csv_text = dir.read("out/dataset.csv");
+    // Rows start with their id (r4's row ends where r5's starts).
+    let start = csv_text.find("\nr4,").expect("r4's row") + 1;
+    let end = csv_text.find("\nr5,").expect("r5's row") + 1;
+    std::fs::write(&csv, format!("{}{}", &csv_text[..start], &csv_text[end..])).expect("write csv");
+    run(&dir).expect_stdout("nothing to do").expect_stderr("dataset.csv");
+    assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
+    assert_eq!(fake.generations().len(), 13);
+    check_complete(&dir, 12, 1);
+
+    // Another output format: an index written for JSONL and CSV is not used for JSONL alone (and
+    // back), and the CSV, behind after the JSONL-only run, is caught up.
+    cfg.output = "dir = \"out\"\nformats = [\"jsonl\"]\n".into();
+    dir.write("run.toml", cfg.toml());
+    let mut rows_in = dir.read("questions.jsonl");
+    rows_in.push_str("{\"id\": \"r13\", \"question\": \"one more?\"}\n");
+    dir.write("questions.jsonl", &rows_in);
+    run(&dir).expect_stdout("1 of 1 requests done");
+    assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
+    cfg.output = "dir = \"out\"\n".into();
+    dir.write("run.toml", cfg.toml());
+    run(&dir).expect_stdout("nothing to do").expect_stderr("re-appended 1 records");
+    assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
+    check_complete(&dir, 13, 1);
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
+    assert_eq!(fake.generations().len(), 14);
+}

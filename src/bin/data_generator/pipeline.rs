@@ -278,6 +278,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     if plan.to_run == 0 {
         start_log(&paths.log)?;
+        if !prior.read_note.is_empty() {
+            tracing::info!("read back: {}", prior.read_note);
+        }
         for note in &prior.repairs {
             tracing::warn!("{note}");
         }
@@ -334,6 +337,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     if server.fake {
         eprintln!("note: the test suite's fake server answers: made-up text (manifest: server.fake)");
         tracing::warn!("the server is the test suite's fake: do not train on this dataset");
+    }
+    if !prior.read_note.is_empty() {
+        tracing::info!("read back: {}", prior.read_note);
     }
     for note in &prior.repairs {
         tracing::warn!("{note}");
@@ -725,7 +731,7 @@ pub async fn check(cfg: Config) -> anyhow::Result<()> {
     let paths = OutputPaths::new(&cfg.output_dir);
     let planner = Planner::new(&cfg)?;
     OutputLock::check_free(&paths.dir)?;
-    let prior = resume::scan(&paths, &cfg.raw.output.formats)?;
+    let prior = resume::scan(&paths, &cfg.raw.output.formats, cfg.schema.is_some())?;
     let plan = planner.check(&prior, Redo { failed: true, truncated: false })?;
     let samples = cfg.run().samples_per_prompt;
     say!("config:  {} is valid", cfg.path.display());
