@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -56,7 +56,7 @@ pub struct RowReader {
 }
 
 enum Inner {
-    Lines { reader: BufReader<File>, line: u64, format: InputFormat, buf: Vec<u8> },
+    Lines { reader: BufReader<std::io::Take<File>>, line: u64, format: InputFormat, buf: Vec<u8> },
     Csv { reader: csv::Reader<File>, headers: Vec<String>, record: csv::StringRecord },
 }
 
@@ -66,7 +66,7 @@ impl RowReader {
         let file = File::open(path).map_err(open_err)?;
         let inner = match format {
             InputFormat::Jsonl | InputFormat::Txt => {
-                Inner::Lines { reader: BufReader::new(file), line: 0, format, buf: Vec::new() }
+                Inner::Lines { reader: BufReader::new(file.take(u64::MAX)), line: 0, format, buf: Vec::new() }
             }
             InputFormat::Csv => {
                 let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(file);
@@ -98,6 +98,69 @@ impl RowReader {
             }
         };
         Ok(RowReader { path: path.to_owned(), id_field: id_field.map(str::to_owned), inner })
+    }
+
+    /// Splits a JSONL or TXT input into at most `n` parts of about equal size that start at the
+    /// start of a line, to be read side by side ([`RowReader::open_part`]). One part (the whole
+    /// file) for a CSV, whose records may span lines.
+    pub fn parts(path: &Path, format: InputFormat, n: usize) -> Result<Vec<(u64, u64)>, InputError> {
+        let open_err = |source| InputError::Open { path: path.to_owned(), source };
+        let mut file = File::open(path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        if format == InputFormat::Csv || n <= 1 {
+            return Ok(vec![(0, len)]);
+        }
+        let mut starts = vec![0u64];
+        let mut buf = vec![0u8; 64 * 1024];
+        for i in 1..n as u64 {
+            // The first line that starts after the i-th n-th of the file.
+            let mut at = (len / n as u64 * i).max(*starts.last().unwrap_or(&0));
+            file.seek(SeekFrom::Start(at)).map_err(open_err)?;
+            let start = loop {
+                let got = file.read(&mut buf).map_err(open_err)?;
+                if got == 0 {
+                    break None;
+                }
+                if let Some(nl) = memchr::memchr(b'\n', &buf[..got]) {
+                    break Some(at + nl as u64 + 1);
+                }
+                at += got as u64;
+            };
+            match start {
+                Some(s) if s < len && s > *starts.last().unwrap_or(&0) => starts.push(s),
+                _ => break,
+            }
+        }
+        Ok(starts.iter().zip(starts.iter().skip(1).chain([&len])).map(|(a, b)| (*a, *b)).collect())
+    }
+
+    /// The rows of a JSONL or TXT input from byte `from` (the start of a line) to byte `to`,
+    /// numbered by their line in the whole file (the lines before `from` are counted first).
+    pub fn open_part(path: &Path, format: InputFormat, id_field: Option<&str>, from: u64, to: u64) -> Result<RowReader, InputError> {
+        if from == 0 || format == InputFormat::Csv {
+            let mut r = RowReader::open(path, format, id_field)?;
+            if let Inner::Lines { reader, .. } = &mut r.inner {
+                reader.get_mut().set_limit(to);
+            }
+            return Ok(r);
+        }
+        let open_err = |source| InputError::Open { path: path.to_owned(), source };
+        let mut file = File::open(path).map_err(open_err)?;
+        let mut before = 0u64;
+        let mut head = BufReader::with_capacity(256 * 1024, (&mut file).take(from));
+        loop {
+            let got = head.fill_buf().map_err(open_err)?;
+            if got.is_empty() {
+                break;
+            }
+            before += memchr::memchr_iter(b'\n', got).count() as u64;
+            let n = got.len();
+            head.consume(n);
+        }
+        drop(head);
+        file.seek(SeekFrom::Start(from)).map_err(open_err)?;
+        let reader = BufReader::new(file.take(to.saturating_sub(from)));
+        Ok(RowReader { path: path.to_owned(), id_field: id_field.map(str::to_owned), inner: Inner::Lines { reader, line: before, format, buf: Vec::new() } })
     }
 
     fn err(&self, line: u64, message: impl Into<String>) -> InputError {
@@ -236,6 +299,11 @@ impl IdSet {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Adds the ids of another set (of the rows that follow).
+    pub fn append(&mut self, mut other: IdSet) {
+        self.entries.append(&mut other.entries);
     }
 
     pub fn is_empty(&self) -> bool {

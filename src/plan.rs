@@ -2,9 +2,10 @@
 //! prompt, a sample's options and seed, the request's key), and which of them still have to run
 //! given what the output folder already holds.
 //!
-//! The input is read twice: once up front by [`Planner::check`] (ids unique, every row renders,
-//! the counts), then streamed again by [`Planner::jobs`] as the run dispatches, so a large batch is
-//! never held in memory.
+//! The input is read twice: once up front by [`Planner::check`] or [`Planner::asked`] (ids unique,
+//! every row renders, the counts; a large JSONL or TXT input in parts, side by side), then
+//! streamed again by [`Planner::jobs`] as the run dispatches, so a large batch is never held in
+//! memory.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -106,6 +107,16 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Adds the counts of the rows that follow.
+    fn add(&mut self, later: &Plan) {
+        self.rows += later.rows;
+        self.requests += later.requests;
+        self.to_run += later.to_run;
+        self.already_done += later.already_done;
+        self.skipped_failed += later.skipped_failed;
+        self.first_to_run = self.first_to_run.or(later.first_to_run);
+    }
+
     /// One request's verdict, from a row at input line `line`.
     fn count(&mut self, v: Verdict, line: u64) {
         self.requests += 1;
@@ -144,29 +155,39 @@ impl Asked {
 /// A row and its prompt, or None for a row the run reads past (all its requests done).
 type RowToRun = Result<Option<(Row, String)>, PlanError>;
 
+/// Inputs at least this large are read in parts side by side by [`Planner::asked`].
+const SPLIT_BYTES: u64 = 4 << 20;
+
 /// Turns rows into jobs: the prompt, each sample's options and seed, the request's key.
 pub struct Planner {
     cfg: Config,
     template: PromptTemplate,
     api: String,
+    /// Inputs at least this large are read in parts ([`SPLIT_BYTES`]; tests lower it).
+    split_bytes: u64,
 }
 
 impl Planner {
     pub fn new(cfg: &Config) -> Result<Planner, PlanError> {
         let template = PromptTemplate::new(cfg.template.clone(), &cfg.template_origin)?;
         let api = format!("{:?}", cfg.backend().api).to_lowercase();
-        Ok(Planner { cfg: cfg.clone(), template, api })
+        Ok(Planner { cfg: cfg.clone(), template, api, split_bytes: SPLIT_BYTES })
     }
 
     /// The rows of the input: the first `run.limit` only, and of those the shard's.
     pub fn rows(&self) -> Result<impl Iterator<Item = Result<Row, InputError>>, PlanError> {
         let cfg = &self.cfg;
-        let reader = RowReader::open(&cfg.input_path, cfg.input_format, cfg.raw.input.id_field.as_deref())?;
+        Ok(self.rows_of(RowReader::open(&cfg.input_path, cfg.input_format, cfg.raw.input.id_field.as_deref())?))
+    }
+
+    /// The rows a reader gives: the first `run.limit` only, and of those the shard's.
+    fn rows_of(&self, reader: RowReader) -> impl Iterator<Item = Result<Row, InputError>> {
+        let cfg = &self.cfg;
         let shard = cfg.shard;
-        Ok(reader.take(cfg.run().limit.map_or(usize::MAX, |l| l as usize)).filter(move |r| match (r, shard) {
+        reader.take(cfg.run().limit.map_or(usize::MAX, |l| l as usize)).filter(move |r| match (r, shard) {
             (Ok(row), Some(s)) => s.has(&row.id),
             _ => true,
-        }))
+        })
     }
 
     /// A multi-stage row's prompt, from a context the caller built (its top-level `names`).
@@ -283,16 +304,25 @@ impl Planner {
 
     /// Reads every row once: ids unique, every row renders, each request's verdict counted.
     pub fn check(&self, prior: &Prior, redo: Redo) -> Result<Plan, PlanError> {
-        let cfg = &self.cfg;
-        let mut ids = IdSet::default();
+        let samples = self.cfg.run().samples_per_prompt;
+        let parts = self.in_parts(|reader| {
+            let mut plan = Plan::default();
+            self.each_row(reader, |row, prompt| {
+                plan.rows += 1;
+                for sample in 0..samples {
+                    plan.count(verdict(prior, redo, self.key(&row.id, prompt, sample)), row.line);
+                }
+            })
+            .map(|ids| (plan, ids))
+        })?;
         let mut plan = Plan::default();
-        for row in self.rows()? {
-            let row = row?;
-            ids.push(&row.id, row.line);
-            self.count(&row, prior, redo, &mut plan)?;
+        let mut ids = IdSet::default();
+        for (p, more_ids) in parts {
+            plan.add(&p);
+            ids.append(more_ids);
         }
         if plan.rows == 0 {
-            return Err(PlanError::Empty { path: cfg.input_path.clone() });
+            return Err(PlanError::Empty { path: self.cfg.input_path.clone() });
         }
         self.unique(ids)?;
         Ok(plan)
@@ -318,16 +348,22 @@ impl Planner {
     /// once it is read ([`Asked::plan`]). Made while the folder is read, on another thread.
     pub fn asked(&self) -> Result<Asked, PlanError> {
         let samples = self.cfg.run().samples_per_prompt;
-        let mut ids = IdSet::default();
-        let mut asked = Asked { keys: Vec::new(), lines: Vec::new(), samples };
-        for row in self.rows()? {
-            let row = row?;
-            ids.push(&row.id, row.line);
-            let prompt = self.render(&row)?;
-            asked.lines.push(u32::try_from(row.line).unwrap_or(u32::MAX));
-            for sample in 0..samples {
-                asked.keys.push(self.key(&row.id, &prompt, sample));
-            }
+        let mut parts = self.in_parts(|reader| {
+            let mut asked = Asked { keys: Vec::new(), lines: Vec::new(), samples };
+            self.each_row(reader, |row, prompt| {
+                asked.lines.push(u32::try_from(row.line).unwrap_or(u32::MAX));
+                for sample in 0..samples {
+                    asked.keys.push(self.key(&row.id, prompt, sample));
+                }
+            })
+            .map(|ids| (asked, ids))
+        })?
+        .into_iter();
+        let (mut asked, mut ids) = parts.next().unwrap_or_else(|| (Asked { keys: Vec::new(), lines: Vec::new(), samples }, IdSet::default()));
+        for (more, more_ids) in parts {
+            asked.keys.extend_from_slice(&more.keys);
+            asked.lines.extend_from_slice(&more.lines);
+            ids.append(more_ids);
         }
         if asked.lines.is_empty() {
             return Err(PlanError::Empty { path: self.cfg.input_path.clone() });
@@ -336,14 +372,40 @@ impl Planner {
         Ok(asked)
     }
 
-    /// Renders a row and counts the verdicts of its requests.
-    fn count(&self, row: &Row, prior: &Prior, redo: Redo, plan: &mut Plan) -> Result<(), PlanError> {
-        let prompt = self.render(row)?;
-        plan.rows += 1;
-        for sample in 0..self.cfg.run().samples_per_prompt {
-            plan.count(verdict(prior, redo, self.key(&row.id, &prompt, sample)), row.line);
+    /// Calls `f` with readers of the input's rows: one, or for a large JSONL or TXT input one
+    /// per part, read side by side (reading, rendering and keying a million rows takes seconds on
+    /// one core). Their results in file order; the first part's error is the file's first error.
+    /// `run.limit` counts rows from the start: one part.
+    fn in_parts<T: Send>(&self, f: impl Fn(RowReader) -> Result<T, PlanError> + Sync) -> Result<Vec<T>, PlanError> {
+        let cfg = &self.cfg;
+        let big = std::fs::metadata(&cfg.input_path).is_ok_and(|m| m.len() >= self.split_bytes);
+        let parts = if big && cfg.run().limit.is_none() { std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(2, 4) } else { 1 };
+        let id_field = cfg.raw.input.id_field.as_deref();
+        let ranges = if parts > 1 { RowReader::parts(&cfg.input_path, cfg.input_format, parts)? } else { Vec::new() };
+        if ranges.len() <= 1 {
+            return Ok(vec![f(RowReader::open(&cfg.input_path, cfg.input_format, id_field)?)?]);
         }
-        Ok(())
+        let f = &f;
+        let done: Vec<Result<T, PlanError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ranges
+                .iter()
+                .map(|&(from, to)| s.spawn(move || f(RowReader::open_part(&cfg.input_path, cfg.input_format, id_field, from, to)?)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        done.into_iter().collect()
+    }
+
+    /// Reads a reader's rows, rendering each, and calls `each` with the row and its prompt;
+    /// returns their ids.
+    fn each_row(&self, reader: RowReader, mut each: impl FnMut(&Row, &str)) -> Result<IdSet, PlanError> {
+        let mut ids = IdSet::default();
+        for row in self.rows_of(reader) {
+            let row = row?;
+            ids.push(&row.id, row.line);
+            each(&row, &self.render(&row)?);
+        }
+        Ok(ids)
     }
 
     /// The ids on the given lines of the input (a second read, to confirm ids whose hashes match).
@@ -415,5 +477,70 @@ impl Planner {
             }
         }
         Ok(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_with_env, Overrides};
+
+    /// A planner over `input` (a file `in.<ext>`), with `run` in its `[run]` table.
+    fn planner(dir: &std::path::Path, ext: &str, input: &[u8], id_field: bool, run: &str) -> Planner {
+        std::fs::write(dir.join(format!("in.{ext}")), input).expect("input");
+        let id = if id_field { "id_field = \"id\"\n" } else { "" };
+        let var = if ext == "txt" { "prompt" } else { "question" };
+        let text = format!(
+            "name = \"p\"\n[backend]\nkind = \"ollama\"\nurl = \"http://h:1\"\nmodel = \"m\"\n[options]\nseed = 3\n\
+             [prompts]\ntemplate_text = \"Q: {{{{ {var} }}}}\"\n[input]\npath = \"in.{ext}\"\n{id}[run]\nsamples_per_prompt = 2\n{run}"
+        );
+        let path = dir.join("run.toml");
+        std::fs::write(&path, text).expect("config");
+        Planner::new(&load_with_env(&path, &Overrides::default(), &|_| None).expect("config")).expect("planner")
+    }
+
+    /// What `asked` (keys, lines) and `check` (rows, requests, first to run) say.
+    type Said = (Result<(Vec<u128>, Vec<u32>), String>, Result<(u64, u64, Option<u64>), String>);
+
+    /// `asked` and `check` of the planner read whole and read in parts.
+    fn both(p: &mut Planner) -> [Said; 2] {
+        [u64::MAX, 0].map(|split| {
+            p.split_bytes = split;
+            let asked = p.asked().map(|a| (a.keys, a.lines)).map_err(|e| e.to_string());
+            let check = p.check(&Prior::default(), Redo { failed: true, truncated: false }).map(|c| (c.rows, c.requests, c.first_to_run)).map_err(|e| e.to_string());
+            (asked, check)
+        })
+    }
+
+    #[test]
+    fn an_input_read_in_parts_gives_what_it_gives_read_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rows: String = (0..101).map(|i| if i % 7 == 3 { "\n".to_owned() } else { format!("{{\"id\": \"r{i}\", \"question\": \"q{i} {}\"}}\n", "x".repeat(i % 13)) }).collect();
+        let with_bom = [b"\xEF\xBB\xBF".as_slice(), rows.as_bytes()].concat();
+        for (ext, input, id_field) in [("jsonl", with_bom.as_slice(), true), ("jsonl", rows.as_bytes(), false), ("txt", b"a\nb\n\nc\nd\ne\nf" as &[u8], false), ("csv", b"id,question\nr1,a\nr2,\"b\nb\"\nr3,c\n" as &[u8], true)] {
+            let mut p = planner(dir.path(), ext, input, id_field, "");
+            let [whole, parts] = both(&mut p);
+            assert!(whole.0.is_ok() && whole.1.is_ok(), "{ext}: {whole:?}");
+            assert_eq!(whole, parts, "{ext}, id field {id_field}");
+        }
+        // Errors name the same line and the first one in the file wins: a bad line late in the
+        // file, a repeated id across the parts.
+        let mut bad = rows.clone();
+        bad.push_str("{\"id\": \"late\", \"question\": 1\n");
+        let mut p = planner(dir.path(), "jsonl", bad.as_bytes(), true, "");
+        let [whole, parts] = both(&mut p);
+        assert!(whole.0.as_ref().is_err_and(|e| e.contains(":102: malformed JSON")), "{whole:?}");
+        assert_eq!(whole, parts);
+        let mut dup = rows.clone();
+        dup.push_str("{\"id\": \"r1\", \"question\": \"again\"}\n");
+        let mut p = planner(dir.path(), "jsonl", dup.as_bytes(), true, "");
+        let [whole, parts] = both(&mut p);
+        assert!(whole.1.as_ref().is_err_and(|e| e.contains(":102: duplicate id \"r1\" (first at line 2)")), "{whole:?}");
+        assert_eq!(whole, parts);
+        // `run.limit` counts from the start: read whole.
+        let mut p = planner(dir.path(), "jsonl", rows.as_bytes(), true, "limit = 10\n");
+        let [whole, parts] = both(&mut p);
+        assert_eq!(whole.1.as_ref().map(|c| c.0), Ok(10));
+        assert_eq!(whole, parts);
     }
 }
