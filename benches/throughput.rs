@@ -225,7 +225,8 @@ fn mb(kb: u64) -> f64 {
 
 /// Before the first request, at `rows` input rows: the input check alone (`check`, the server's
 /// answer included), a fresh run to its first request, a re-run of the finished dataset (nothing
-/// to do), and a restart with half of it done (a kill half-way) to its first new request.
+/// to do), a restart with half of it done (a kill half-way) to its first new request, and a
+/// second restart after that one is killed.
 fn resume_figures(rows: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let fake = fake_ollama::FakeOllama::start(fake_ollama::Options::default());
@@ -250,6 +251,13 @@ fn resume_figures(rows: u64) {
     match first {
         Some(t) => println!("resume {rows:>8} rows: half done, first new request {:>4.2} s, peak RSS {:>6.1} MB", t.as_secs_f64(), mb(peak)),
         None => println!("resume {rows:>8} rows: half done (FAILED: ended before any request)"),
+    }
+    // That restart kept the input's keys (`.data_generator.asked`): killed again, the next
+    // restart, with the input and the config unchanged, takes them instead of checking every row.
+    let (first, peak) = run_until_first_request(&args, dir.path(), &fake);
+    match first {
+        Some(t) => println!("resume {rows:>8} rows: killed again, restart      {:>6.2} s, peak RSS {:>6.1} MB", t.as_secs_f64(), mb(peak)),
+        None => println!("resume {rows:>8} rows: killed again (FAILED: ended before any request)"),
     }
     if std::env::var_os("BENCH_KEEP").is_some() {
         // The half-done folder, its input and config, to profile by hand.

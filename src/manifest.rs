@@ -48,6 +48,17 @@ pub struct Manifest {
 /// modification time and inode of the input and of every file of the output (a file edited,
 /// replaced, cut or appended to changes it). None when a file cannot be looked at.
 pub fn fingerprint(cfg: &Config, paths: &crate::dataset::OutputPaths) -> Option<String> {
+    hash_of(cfg, &[&cfg.input_path, &paths.jsonl, &paths.csv, &paths.failures])
+}
+
+/// What the requests the input asks for (their keys, the rows' lines) depend on: [`fingerprint`]
+/// without the output files.
+pub fn input_fingerprint(cfg: &Config) -> Option<String> {
+    hash_of(cfg, &[&cfg.input_path])
+}
+
+/// The config (as [`fingerprint`] says) and the size, modification time and inode of `files`, hashed.
+fn hash_of(cfg: &Config, files: &[&std::path::PathBuf]) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let mut parts: Vec<Vec<u8>> = vec![
         env!("CARGO_PKG_VERSION").as_bytes().to_vec(),
@@ -57,7 +68,7 @@ pub fn fingerprint(cfg: &Config, paths: &crate::dataset::OutputPaths) -> Option<
         cfg.schema.as_ref().map(|s| s.value.to_string()).unwrap_or_default().into_bytes(),
         format!("{:?} {}", cfg.shard, cfg.input_path.display()).into_bytes(),
     ];
-    for p in [&cfg.input_path, &paths.jsonl, &paths.csv, &paths.failures] {
+    for p in files {
         parts.push(match std::fs::metadata(p) {
             Ok(m) => format!("{} {} {} {} {}", p.display(), m.len(), m.mtime(), m.mtime_nsec(), m.ino()).into_bytes(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("{} none", p.display()).into_bytes(),

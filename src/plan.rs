@@ -140,7 +140,73 @@ pub struct Asked {
     samples: u32,
 }
 
+/// The file in the output folder where a run keeps the input's [`Asked`], for the next run to
+/// take instead of reading, rendering and keying every row again while the input and the config
+/// are as they were ([`crate::manifest::input_fingerprint`]).
+pub const ASKED_FILE: &str = ".data_generator.asked";
+const ASKED_MAGIC: &[u8; 8] = b"DGASKED1";
+
 impl Asked {
+    /// Requests asked.
+    pub fn requests(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Writes it to `path` (beside it, then renamed over it) with the fingerprint it holds for.
+    pub fn save(&self, path: &std::path::Path, fingerprint: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let tmp = path.with_extension("tmp");
+        let mut w = std::io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
+        w.write_all(ASKED_MAGIC)?;
+        w.write_all(&(fingerprint.len() as u32).to_le_bytes())?;
+        w.write_all(fingerprint.as_bytes())?;
+        w.write_all(&self.samples.to_le_bytes())?;
+        w.write_all(&(self.lines.len() as u64).to_le_bytes())?;
+        w.write_all(&(self.keys.len() as u64).to_le_bytes())?;
+        for l in &self.lines {
+            w.write_all(&l.to_le_bytes())?;
+        }
+        for k in &self.keys {
+            w.write_all(&k.to_le_bytes())?;
+        }
+        w.into_inner().map_err(std::io::IntoInnerError::into_error)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// What [`Asked::save`] wrote to `path`, when it was written for `fingerprint` and is whole.
+    pub fn load(path: &std::path::Path, fingerprint: &str) -> Option<Asked> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).ok()?;
+        let len = file.metadata().ok()?.len();
+        let mut r = std::io::BufReader::with_capacity(256 * 1024, file);
+        let mut take = |n: usize| -> Option<Vec<u8>> {
+            let mut b = vec![0u8; n];
+            r.read_exact(&mut b).ok().map(|()| b)
+        };
+        let u64_of = |b: Vec<u8>| b.try_into().ok().map(u64::from_le_bytes);
+        if take(8)? != ASKED_MAGIC || take(4)? != (fingerprint.len() as u32).to_le_bytes() || take(fingerprint.len())? != fingerprint.as_bytes() {
+            return None;
+        }
+        let samples = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        let (rows, keys) = (u64_of(take(8)?)?, u64_of(take(8)?)?);
+        let header = 8 + 4 + fingerprint.len() as u64 + 4 + 8 + 8;
+        if keys != rows.checked_mul(u64::from(samples))? || len != header.checked_add(rows.checked_mul(4)?)?.checked_add(keys.checked_mul(16)?)? {
+            return None;
+        }
+        let mut asked = Asked { keys: Vec::with_capacity(usize::try_from(keys).ok()?), lines: Vec::with_capacity(usize::try_from(rows).ok()?), samples };
+        let mut b4 = [0u8; 4];
+        for _ in 0..rows {
+            r.read_exact(&mut b4).ok()?;
+            asked.lines.push(u32::from_le_bytes(b4));
+        }
+        let mut b16 = [0u8; 16];
+        for _ in 0..keys {
+            r.read_exact(&mut b16).ok()?;
+            asked.keys.push(u128::from_le_bytes(b16));
+        }
+        Some(asked)
+    }
+
     /// The plan: [`Planner::check`]'s counts, from the keys against what the folder holds.
     pub fn plan(&self, prior: &Prior, redo: Redo) -> Plan {
         let mut plan = Plan { rows: self.lines.len() as u64, ..Plan::default() };

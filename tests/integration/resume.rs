@@ -477,3 +477,68 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
     assert_eq!(fake.generations().len(), 14);
 }
+
+/// The last "input:" line of the run log: how the run checked the input.
+fn input_line(dir: &Dir) -> String {
+    let log = dir.read("out/run.log");
+    log.lines().rfind(|l| l.contains(" input: ")).unwrap_or_else(|| panic!("no input line in run.log:\n{log}")).to_owned()
+}
+
+#[test]
+fn the_inputs_keys_are_kept_for_the_next_run_while_the_input_and_config_stay_as_they_were() {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(8);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut cfg = ConfigBuilder::new(&fake.url());
+    dir.write("run.toml", cfg.toml());
+    let run = |dir: &Dir| {
+        let r = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
+        r.expect_code(0);
+        r
+    };
+    let jsonl = dir.join("out/dataset.jsonl");
+    let kept = dir.join("out/.data_generator.asked");
+    run(&dir);
+    assert!(!kept.exists(), "a first run into a new folder checks the input as it streams, keeping nothing");
+
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(input_line(&dir).contains("checked: 8 requests, their keys kept in .data_generator.asked"), "{}", input_line(&dir));
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(input_line(&dir).contains("the keys of 8 requests from .data_generator.asked"), "{}", input_line(&dir));
+
+    // A record lost from the dataset: the kept keys say which request it was.
+    let text = dir.read("out/dataset.jsonl");
+    let lines: Vec<&str> = text.lines().collect();
+    let dropped: Value = serde_json::from_str(lines[2]).expect("json");
+    std::fs::write(&jsonl, lines.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, l)| format!("{l}\n")).collect::<String>()).expect("write");
+    run(&dir).expect_stdout("1 of 1 requests done");
+    assert!(input_line(&dir).contains("the keys of 8 requests from"), "{}", input_line(&dir));
+    assert_eq!(fake.generations().last().and_then(|g| g.prompt.clone()).as_deref(), dropped["prompt"].as_str());
+    assert_eq!(fake.generations().len(), 9);
+
+    // A row added to the input: checked again, and the new row runs.
+    let mut rows = dir.read("questions.jsonl");
+    rows.push_str("{\"id\": \"r99\", \"question\": \"one more?\"}\n");
+    dir.write("questions.jsonl", rows);
+    run(&dir).expect_stdout("1 of 1 requests done");
+    assert!(input_line(&dir).contains("checked: 9 requests, their keys kept"), "{}", input_line(&dir));
+
+    // The template edited: checked again, every row runs.
+    cfg.prompts = "template_text = \"Question: {{ question }}\"\n".into();
+    dir.write("run.toml", cfg.toml());
+    run(&dir).expect_stdout("9 of 9 requests done");
+    assert!(input_line(&dir).contains("checked: 9 requests"), "{}", input_line(&dir));
+    assert_eq!(fake.generations().len(), 19);
+
+    // The kept keys cut short: not used, checked again.
+    let bytes = std::fs::read(&kept).expect("kept keys");
+    std::fs::write(&kept, &bytes[..bytes.len() - 16]).expect("cut");
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(input_line(&dir).contains("checked: 9 requests, their keys kept"), "{}", input_line(&dir));
+    assert_eq!(std::fs::read(&kept).expect("kept keys"), bytes, "written again, the same");
+    check_complete_rows(&dir, 9);
+}

@@ -20,7 +20,7 @@ use data_generator::config::{self, BackendKind, Config};
 use data_generator::dataset::{self, Dataset, OutputLock, OutputPaths, SpaceReserve, WriteItem, Writer};
 use data_generator::live::{self, LiveHub};
 use data_generator::manifest::{self, Manifest, RunEntry, StageCounts};
-use data_generator::plan::{Job, Plan, Planner, Redo};
+use data_generator::plan::{self, Asked, Job, Plan, Planner, Redo};
 use data_generator::progress::{self, DisplayMode, Event, Progress};
 use data_generator::record::{self, Record};
 use data_generator::stages::{self, FlowRow, Pipeline, StageFiles, StageItem};
@@ -205,6 +205,16 @@ fn stop_signals() -> anyhow::Result<mpsc::UnboundedReceiver<&'static str>> {
     Ok(rx)
 }
 
+/// Says in the log how the folder was read back and the input checked.
+fn log_read_back(prior: &Prior, input_note: &str) {
+    if !prior.read_note.is_empty() {
+        tracing::info!("read back: {}", prior.read_note);
+    }
+    if !input_note.is_empty() {
+        tracing::info!("input: {input_note}");
+    }
+}
+
 /// The runs recorded in the folder's manifest, with a run that never recorded its end marked
 /// `killed` and given the counts the dataset holds for it. Returns them with that run's start.
 fn prior_runs(paths: &OutputPaths) -> anyhow::Result<(Vec<RunEntry>, Option<String>)> {
@@ -243,13 +253,38 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // A folder to resume: it is read (repaired, its records' keys collected) while the input is
     // checked (every row read, rendered and keyed), on two threads: on a large batch each takes
     // seconds. Its error, if any, comes first, as when they ran one after the other.
+    // The input's keys are taken from the last run's when the input and the config are as they
+    // were then (and kept for the next run when they are not).
+    let asked_file = paths.dir.join(plan::ASKED_FILE);
+    let input_fp = manifest::input_fingerprint(&cfg);
+    let mut input_note = String::new();
     let (prior, asked) = if opts.fresh {
         (Prior::default(), None)
     } else if lock.is_some() {
         let (prior, asked) = std::thread::scope(|s| {
-            let asked = s.spawn(|| planner.asked());
+            let asked = s.spawn(|| match input_fp.as_deref().and_then(|fp| Asked::load(&asked_file, fp)) {
+                Some(a) => Ok((a, true)),
+                None => planner.asked().map(|a| (a, false)),
+            });
             let prior = resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some());
             (prior, asked.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
+        let asked = asked.map(|(asked, kept)| {
+            input_note = if kept {
+                format!("the keys of {} requests from {} (the input and the config are as when they were made)", asked.requests(), plan::ASKED_FILE)
+            } else {
+                // Kept only when the input did not change while it was read.
+                let saved = input_fp.as_deref().filter(|fp| manifest::input_fingerprint(&cfg).as_deref() == Some(*fp)).map(|fp| asked.save(&asked_file, fp));
+                match saved {
+                    Some(Ok(())) => format!("checked: {} requests, their keys kept in {}", asked.requests(), plan::ASKED_FILE),
+                    Some(Err(e)) => {
+                        let _ = std::fs::remove_file(&asked_file);
+                        format!("checked: {} requests (cannot keep their keys in {}: {e})", asked.requests(), plan::ASKED_FILE)
+                    }
+                    None => format!("checked: {} requests (the input changed while it was read: its keys are not kept)", asked.requests()),
+                }
+            };
+            asked
         });
         (prior?, Some(asked))
     } else {
@@ -278,9 +313,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     if plan.to_run == 0 {
         start_log(&paths.log)?;
-        if !prior.read_note.is_empty() {
-            tracing::info!("read back: {}", prior.read_note);
-        }
+        log_read_back(&prior, &input_note);
         for note in &prior.repairs {
             tracing::warn!("{note}");
         }
@@ -338,9 +371,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         eprintln!("note: the test suite's fake server answers: made-up text (manifest: server.fake)");
         tracing::warn!("the server is the test suite's fake: do not train on this dataset");
     }
-    if !prior.read_note.is_empty() {
-        tracing::info!("read back: {}", prior.read_note);
-    }
+    log_read_back(&prior, &input_note);
     for note in &prior.repairs {
         tracing::warn!("{note}");
     }
