@@ -393,7 +393,7 @@ impl Dataset {
             Some(j) => {
                 let files = index::Files { jsonl: &paths.jsonl, jsonl_len: sinks[j].end(), csv: csv.map(|c| (paths.csv.as_path(), sinks[c].end(), 0)) };
                 // Without it, resume reads the dataset itself: slower, never wrong.
-                IndexWriter::open(&paths.dir, index::Flags { csv: csv.is_some(), schema }, files).unwrap_or_else(|e| {
+                IndexWriter::open(&paths.dir, index::Flags::new(csv.is_some(), schema), files).unwrap_or_else(|e| {
                     tracing::warn!("cannot write {}: {e}; a resume will read the dataset instead", paths.dir.join(index::INDEX_FILE).display());
                     None
                 })

@@ -33,6 +33,11 @@ pub struct Flags {
 }
 
 impl Flags {
+    /// The flags of a dataset with or without a CSV and a schema (whose columns only the CSV shows).
+    pub fn new(csv: bool, schema: bool) -> Flags {
+        Flags { csv, schema: csv && schema }
+    }
+
     fn header(self) -> [u8; HEADER as usize] {
         let mut h = [0u8; HEADER as usize];
         h[..8].copy_from_slice(MAGIC);
@@ -231,18 +236,25 @@ fn holds(files: Files<'_>, before: &Entry, e: &Entry) -> io::Result<bool> {
 pub fn rewrite(dir: &Path, flags: Flags, keep: u64, more: impl Iterator<Item = Entry>) -> io::Result<()> {
     let to = path(dir);
     let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
-    let mut w = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
-    w.write_all(&flags.header())?;
-    if keep > 0 {
-        let mut old = File::open(&to)?;
-        old.seek(SeekFrom::Start(HEADER))?;
-        io::copy(&mut old.take(keep * ENTRY as u64), &mut w)?;
+    let written = (|| {
+        let mut w = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        w.write_all(&flags.header())?;
+        if keep > 0 {
+            let mut old = File::open(&to)?;
+            old.seek(SeekFrom::Start(HEADER))?;
+            io::copy(&mut old.take(keep * ENTRY as u64), &mut w)?;
+        }
+        for e in more {
+            w.write_all(&e.bytes())?;
+        }
+        w.into_inner().map_err(io::IntoInnerError::into_error)?;
+        std::fs::rename(&tmp, &to)
+    })();
+    if written.is_err() {
+        // Not left behind to take space on a full disk.
+        let _ = std::fs::remove_file(&tmp);
     }
-    for e in more {
-        w.write_all(&e.bytes())?;
-    }
-    w.into_inner().map_err(io::IntoInnerError::into_error)?;
-    std::fs::rename(&tmp, &to)
+    written
 }
 
 /// Removes the index of `dir` (the next resume reads the dataset and writes it anew).
@@ -282,7 +294,13 @@ impl IndexWriter {
             let mut buf = [0u8; ENTRY];
             f.read_exact(&mut buf)?;
             let last = Entry::from_bytes(&buf);
-            Ok(last.jsonl_end == files.jsonl_len && files.csv.is_none_or(|(_, len, _)| last.csv_end == len))
+            // Blank lines after the last record (an edit by hand) are no record: the next one's
+            // line is read from the end of the last one's, blank lines allowed.
+            let blank_after = last.jsonl_end == files.jsonl_len
+                || (last.jsonl_end < files.jsonl_len
+                    && files.jsonl_len - last.jsonl_end <= 64 * 1024
+                    && read_range(files.jsonl, last.jsonl_end, files.jsonl_len)?.iter().all(u8::is_ascii_whitespace));
+            Ok(blank_after && files.csv.is_none_or(|(_, len, _)| last.csv_end == len))
         })()
         .unwrap_or(false);
         if !fits {

@@ -312,8 +312,10 @@ fn has_torn_tail(path: &Path) -> Result<bool, ResumeError> {
     }
 }
 
-/// Reads the keys of the dataset's records and failures; with `order`, also each record's key in
-/// file order (0 for a record without one), for reconciling the CSV.
+/// Reads the keys of the dataset's records and failures: those the index holds (when `flags`
+/// says one is kept and it holds for the files) from it, the others from the JSONL (or the CSV
+/// when it is the only file). With `tail`, the records read from the files are noted there, in
+/// order, for reconciling the CSV and extending the index. Returns what the index covered.
 fn read_back(paths: &OutputPaths, csv_only: bool, mut tail: Option<&mut Tail>, since: Option<&str>, flags: Option<index::Flags>) -> Result<(Prior, Covered), ResumeError> {
     let mut prior = Prior::default();
     let mut records_since = 0u64;
@@ -453,8 +455,10 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
         repairs.extend(reconcile_tail(&paths.csv, &paths.jsonl, &mut tail, covered, schema)?);
     }
     if let Some(flags) = flags {
-        // The index made to hold every record, for the next resume (and for this run to extend).
-        if !covered.exact || !tail.keys.is_empty() {
+        // The index made to hold every record, for the next resume (and for this run to extend);
+        // not for a folder without records (a new one: the run writes it from the start).
+        let records = covered.records > 0 || !tail.keys.is_empty();
+        if records && (!covered.exact || !tail.keys.is_empty()) {
             match index::rewrite(&paths.dir, flags, covered.records, tail.entries()) {
                 Ok(()) => prior.read_note.push_str(&format!("; index written for {} records", covered.records + tail.keys.len() as u64)),
                 Err(e) => {
@@ -470,7 +474,7 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
 
 /// What the dataset's index is written for, when it is kept (the JSONL is written).
 fn index_flags(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Option<index::Flags> {
-    (formats.contains(&OutputFormat::Jsonl) && !csv_only(paths, formats)).then_some(index::Flags { csv: formats.contains(&OutputFormat::Csv), schema })
+    (formats.contains(&OutputFormat::Jsonl) && !csv_only(paths, formats)).then_some(index::Flags::new(formats.contains(&OutputFormat::Csv), schema))
 }
 
 /// The records of one of our CSV files, one at a time: each one's key, the byte offset where it
@@ -505,9 +509,7 @@ impl CsvKeys {
         let col = |name: &str| header.iter().position(|c| c == name).unwrap_or(0);
         Ok(CsvKeys { key_col: col("key"), reason_col: col("done_reason"), columns: header.len(), reader: Some(r), rec: csv::ByteRecord::new() })
     }
-}
 
-impl CsvKeys {
     /// The records from byte `at` on (the start of a record, after the header).
     fn open_at(path: &Path, at: u64) -> Result<CsvKeys, ResumeError> {
         let mut keys = CsvKeys::open(path)?;

@@ -401,7 +401,9 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
         r.expect_code(0);
         r
     };
-    run(&dir);
+    let first = run(&dir);
+    assert!(!first.stderr().contains("repaired"), "a first run into a new folder repairs nothing:\n{}", first.stderr());
+    assert!(!dir.read("out/run.log").lines().any(|l| l.contains("WARN") && !l.contains("fake")), "{}", dir.read("out/run.log"));
     let index = dir.join("out/.data_generator.index");
     let jsonl = dir.join("out/dataset.jsonl");
     let csv = dir.join("out/dataset.csv");
@@ -476,6 +478,22 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     run(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
     assert_eq!(fake.generations().len(), 14);
+
+    // Blank lines after the last record (a hand edit): no record; the index is kept and extended
+    // past them.
+    let mut text = dir.read("out/dataset.jsonl");
+    text.push_str("\n  \n");
+    std::fs::write(&jsonl, &text).expect("blank lines");
+    rows_in.push_str("{\"id\": \"r14\", \"question\": \"after the blank lines?\"}\n");
+    dir.write("questions.jsonl", &rows_in);
+    run(&dir).expect_stdout("1 of 1 requests done");
+    assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
+    touch(&jsonl);
+    run(&dir).expect_stdout("nothing to do");
+    assert!(read_back_line(&dir).contains("14 records from its index .data_generator.index, 0 after it"), "{}", read_back_line(&dir));
+    let recs: Vec<Value> = dir.read("out/dataset.jsonl").lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!((recs.len(), read_csv(&csv).1.len()), (14, 14));
+    assert_eq!(recs[13]["id"], "r14");
 }
 
 /// The last "input:" line of the run log: how the run checked the input.
