@@ -372,6 +372,8 @@ fn read_back(paths: &OutputPaths, csv_only: bool, mut tail: Option<&mut Tail>, s
     let file = if csv_only { &paths.csv } else { &paths.jsonl };
     let (n, rest) = (prior.records, prior.records - covered.records);
     prior.read_note = match state {
+        // A new folder: nothing to say.
+        _ if n == 0 && !file.exists() => String::new(),
         IndexRead::Held => format!("{} records from its index {}, {rest} after it from {}", covered.records, index::INDEX_FILE, file.display()),
         IndexRead::Missing => format!("{n} records from {} (no index yet)", file.display()),
         IndexRead::DidNotHold => format!("{n} records from {} (its index did not match it: edited, or written for other output formats)", file.display()),
