@@ -513,13 +513,13 @@ impl Sink for Dataset {
 /// The one writer: a thread that owns the dataset files. Sends fail once it has stopped on an
 /// error; `finish` returns that error, and what was written before it.
 pub struct Writer<I = WriteItem> {
-    tx: Option<mpsc::Sender<I>>,
+    tx: Option<mpsc::Sender<Vec<I>>>,
     handle: Option<std::thread::JoinHandle<(Written, Result<(), DatasetError>)>>,
 }
 
 impl<I: Send + 'static> Writer<I> {
     pub fn spawn<S: Sink<Item = I>>(mut sink: S) -> Writer<I> {
-        let (tx, rx) = mpsc::channel::<I>();
+        let (tx, rx) = mpsc::channel::<Vec<I>>();
         let handle = std::thread::Builder::new()
             .name("dataset-writer".into())
             .spawn(move || {
@@ -527,7 +527,11 @@ impl<I: Send + 'static> Writer<I> {
                 let result = (|| {
                     loop {
                         match rx.recv_timeout(SYNC_INTERVAL) {
-                            Ok(item) => sink.put(item, &mut written)?,
+                            Ok(items) => {
+                                for item in items {
+                                    sink.put(item, &mut written)?;
+                                }
+                            }
                             Err(mpsc::RecvTimeoutError::Timeout) => sink.sync()?,
                             Err(mpsc::RecvTimeoutError::Disconnected) => break,
                         }
@@ -542,7 +546,12 @@ impl<I: Send + 'static> Writer<I> {
 
     /// False when the writer has stopped (on a write error): stop producing.
     pub fn send(&self, item: I) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.send(item).is_ok()) && self.handle.is_some()
+        self.send_all(vec![item])
+    }
+
+    /// [`Writer::send`] of several items at once (one wake of the writer thread).
+    pub fn send_all(&self, items: Vec<I>) -> bool {
+        items.is_empty() || (self.tx.as_ref().is_some_and(|tx| tx.send(items).is_ok()) && self.handle.is_some())
     }
 
     /// Closes the channel, waits for every queued item to be written and synced. Returns what

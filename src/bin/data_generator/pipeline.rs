@@ -27,7 +27,7 @@ use data_generator::stages::{self, FlowRow, Pipeline, StageFiles, StageItem};
 use data_generator::schema::OutputSchema;
 use data_generator::resume::{self, Prior};
 use futures::future::BoxFuture;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -438,24 +438,39 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
         tokio::select! {
             result = results.next() => {
                 let Some(result) = result else { break };
-                let item = match result {
-                    Ok(JobResult::Record(r)) => {
-                        done += 1;
-                        tokens += r.completion_tokens.unwrap_or(0);
-                        WriteItem::Record(r)
+                // With it, the results that are ready now: handed to the writer at once (one
+                // wake of its thread for them all; none waits for another).
+                let mut items = Vec::new();
+                let mut next = Some(result);
+                let mut ended = false;
+                while let Some(result) = next.take() {
+                    match result {
+                        Ok(JobResult::Record(r)) => {
+                            done += 1;
+                            tokens += r.completion_tokens.unwrap_or(0);
+                            items.push(WriteItem::Record(r));
+                        }
+                        Ok(JobResult::Failure(f)) => {
+                            failed += 1;
+                            items.push(WriteItem::Failure(f));
+                        }
+                        Ok(JobResult::Abandoned) => {}
+                        Err(e) => {
+                            fatal = Some(e);
+                            break;
+                        }
                     }
-                    Ok(JobResult::Failure(f)) => {
-                        failed += 1;
-                        WriteItem::Failure(f)
+                    match results.next().now_or_never() {
+                        Some(Some(r)) => next = Some(r),
+                        Some(None) => ended = true,
+                        None => {}
                     }
-                    Ok(JobResult::Abandoned) => continue,
-                    Err(e) => {
-                        fatal = Some(e);
-                        break;
-                    }
-                };
-                if !writer.send(item) {
+                }
+                if !writer.send_all(items) {
                     break; // the writer stopped on an error: `finish` says which
+                }
+                if fatal.is_some() || ended {
+                    break;
                 }
                 if manifest_at.elapsed() >= Duration::from_secs(10) {
                     m.tally(&plan, done, failed, tokens);
