@@ -460,6 +460,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
                             break;
                         }
                     }
+                    if items.len() >= 256 {
+                        break; // the other branches get their turn
+                    }
                     match results.next().now_or_never() {
                         Some(Some(r)) => next = Some(r),
                         Some(None) => ended = true,
