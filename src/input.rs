@@ -145,19 +145,8 @@ impl RowReader {
             return Ok(r);
         }
         let open_err = |source| InputError::Open { path: path.to_owned(), source };
+        let before = lines_before(path, from).map_err(open_err)?;
         let mut file = File::open(path).map_err(open_err)?;
-        let mut before = 0u64;
-        let mut head = BufReader::with_capacity(256 * 1024, (&mut file).take(from));
-        loop {
-            let got = head.fill_buf().map_err(open_err)?;
-            if got.is_empty() {
-                break;
-            }
-            before += memchr::memchr_iter(b'\n', got).count() as u64;
-            let n = got.len();
-            head.consume(n);
-        }
-        drop(head);
         file.seek(SeekFrom::Start(from)).map_err(open_err)?;
         let reader = BufReader::new(file.take(to.saturating_sub(from)));
         Ok(RowReader { path: path.to_owned(), id_field: id_field.map(str::to_owned), inner: Inner::Lines { reader, line: before, format, buf: Vec::new() } })
@@ -262,6 +251,20 @@ impl Iterator for RowReader {
 
 fn strip_bom(s: &str) -> &str {
     s.strip_prefix('\u{feff}').unwrap_or(s)
+}
+
+/// The number of lines in the first `end` bytes of a file (to number a line read from there).
+pub fn lines_before(path: &Path, end: u64) -> std::io::Result<u64> {
+    let mut n = 0u64;
+    let mut r = File::open(path)?.take(end);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let got = r.read(&mut buf)?;
+        if got == 0 {
+            return Ok(n);
+        }
+        n += memchr::memchr_iter(b'\n', &buf[..got]).count() as u64;
+    }
 }
 
 pub fn json_kind(v: &Value) -> &'static str {

@@ -426,9 +426,9 @@ impl Planner {
         })?
         .into_iter();
         let (mut asked, mut ids) = parts.next().unwrap_or_else(|| (Asked { keys: Vec::new(), lines: Vec::new(), samples }, IdSet::default()));
-        for (more, more_ids) in parts {
-            asked.keys.extend_from_slice(&more.keys);
-            asked.lines.extend_from_slice(&more.lines);
+        for (mut more, more_ids) in parts {
+            asked.keys.append(&mut more.keys);
+            asked.lines.append(&mut more.lines);
             ids.append(more_ids);
         }
         if asked.lines.is_empty() {
@@ -591,22 +591,17 @@ mod tests {
         }
         // Errors name the same line and the first one in the file wins: a bad line late in the
         // file, a repeated id across the parts.
-        let mut bad = rows.clone();
-        bad.push_str("{\"id\": \"late\", \"question\": 1\n");
-        let mut p = planner(dir.path(), "jsonl", bad.as_bytes(), true, "");
-        let [whole, parts] = both(&mut p);
-        assert!(whole.0.as_ref().is_err_and(|e| e.contains(":102: malformed JSON")), "{whole:?}");
-        assert_eq!(whole, parts);
-        let mut dup = rows.clone();
-        dup.push_str("{\"id\": \"r1\", \"question\": \"again\"}\n");
-        let mut p = planner(dir.path(), "jsonl", dup.as_bytes(), true, "");
-        let [whole, parts] = both(&mut p);
-        assert!(whole.1.as_ref().is_err_and(|e| e.contains(":102: duplicate id \"r1\" (first at line 2)")), "{whole:?}");
-        assert_eq!(whole, parts);
+        // What a JSONL input of `rows` and then `more` says read whole, the same read in parts.
+        let jsonl = |more: &str, run: &str| -> Said {
+            let [whole, parts] = both(&mut planner(dir.path(), "jsonl", format!("{rows}{more}").as_bytes(), true, run));
+            assert_eq!(whole, parts, "{more:?} {run:?}");
+            whole
+        };
+        let bad = jsonl("{\"id\": \"late\", \"question\": 1\n", "");
+        assert!(bad.0.as_ref().is_err_and(|e| e.contains(":102: malformed JSON")), "{bad:?}");
+        let dup = jsonl("{\"id\": \"r1\", \"question\": \"again\"}\n", "");
+        assert!(dup.1.as_ref().is_err_and(|e| e.contains(":102: duplicate id \"r1\" (first at line 2)")), "{dup:?}");
         // `run.limit` counts from the start: read whole.
-        let mut p = planner(dir.path(), "jsonl", rows.as_bytes(), true, "limit = 10\n");
-        let [whole, parts] = both(&mut p);
-        assert_eq!(whole.1.as_ref().map(|c| c.0), Ok(10));
-        assert_eq!(whole, parts);
+        assert_eq!(jsonl("", "limit = 10\n").1.map(|c| c.0), Ok(10));
     }
 }

@@ -280,26 +280,12 @@ fn read_jsonl_from<T: serde::de::DeserializeOwned>(path: &Path, from: u64, mut e
             // An unterminated last line is torn: `load` cuts it when it may write; else it is no record.
             (_, Err(bad)) if bad.torn => return Ok(()),
             (line, Err(bad)) => {
-                let line = line + lines_before(path, from)?;
+                let line = line + crate::input::lines_before(path, from).map_err(io_err(path))?;
                 return Err(ResumeError::BadLine { path: path.to_owned(), line, message: bad.error });
             }
         }
     }
     Ok(())
-}
-
-/// The number of lines in the first `end` bytes of a file (to number a line read from there).
-fn lines_before(path: &Path, end: u64) -> Result<u64, ResumeError> {
-    let mut n = 0u64;
-    let mut r = BufReader::new(File::open(path).map_err(io_err(path))?).take(end);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let got = r.read(&mut buf).map_err(io_err(path))?;
-        if got == 0 {
-            return Ok(n);
-        }
-        n += memchr::memchr_iter(b'\n', &buf[..got]).count() as u64;
-    }
 }
 
 /// Whether a file's last byte is not a newline (a torn last line).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_ollama::{expected_response, FakeOllama, Options};
-use crate::util::{read_csv, read_jsonl, write_questions, ConfigBuilder, Dir, BIN};
+use crate::util::{read_csv, read_jsonl, write_questions, ConfigBuilder, Dir, Run, BIN};
 
 fn questions(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("Question n°{i}: pourquoi ? 日本 🎉")).collect()
@@ -376,10 +376,33 @@ fn check_complete_rows(dir: &Dir, rows: usize) {
     assert_eq!(current.len(), rows);
 }
 
+/// The last line of the run log that holds `needle`.
+fn last_log_line(dir: &Dir, needle: &str) -> String {
+    let log = dir.read("out/run.log");
+    log.lines().rfind(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} line in run.log:\n{log}")).to_owned()
+}
+
 /// The last "read back:" line of the run log: how the run read the folder.
 fn read_back_line(dir: &Dir) -> String {
-    let log = dir.read("out/run.log");
-    log.lines().rfind(|l| l.contains("read back:")).unwrap_or_else(|| panic!("no read back line in run.log:\n{log}")).to_owned()
+    last_log_line(dir, "read back:")
+}
+
+/// A fake server, a folder with `rows` questions and the config of a run over them.
+fn questions_folder(rows: usize) -> (FakeOllama, Dir, ConfigBuilder) {
+    let fake = FakeOllama::start(Options::default());
+    let dir = Dir::new();
+    let qs = questions(rows);
+    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
+    let cfg = ConfigBuilder::new(&fake.url());
+    dir.write("run.toml", cfg.toml());
+    (fake, dir, cfg)
+}
+
+/// A run of `run.toml` with the display off, which must succeed.
+fn run_ok(dir: &Dir) -> Run {
+    let r = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
+    r.expect_code(0);
+    r
 }
 
 /// Makes a re-run read the folder (the manifest's fingerprint sees the dataset touched).
@@ -390,18 +413,8 @@ fn touch(path: &std::path::Path) {
 
 #[test]
 fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
-    let fake = FakeOllama::start(Options::default());
-    let dir = Dir::new();
-    let qs = questions(12);
-    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut cfg = ConfigBuilder::new(&fake.url());
-    dir.write("run.toml", cfg.toml());
-    let run = |dir: &Dir| {
-        let r = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
-        r.expect_code(0);
-        r
-    };
-    let first = run(&dir);
+    let (fake, dir, mut cfg) = questions_folder(12);
+    let first = run_ok(&dir);
     assert!(!first.stderr().contains("repaired"), "a first run into a new folder repairs nothing:\n{}", first.stderr());
     assert!(!dir.read("out/run.log").lines().any(|l| l.contains("WARN") && !l.contains("fake")), "{}", dir.read("out/run.log"));
     let index = dir.join("out/.data_generator.index");
@@ -413,13 +426,13 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
 
     // Unchanged: the records come from the index.
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("12 records from its index .data_generator.index, 0 after it"), "{}", read_back_line(&dir));
 
     // Deleted: the dataset is read and the index written again, the same bytes.
     std::fs::remove_file(&index).expect("rm index");
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("(no index yet); index written for 12 records"), "{}", read_back_line(&dir));
     assert_eq!(std::fs::read(&index).expect("index"), whole);
 
@@ -427,7 +440,7 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     // are read from the dataset, and it is whole again.
     std::fs::write(&index, &whole[..whole.len() - 3 * 40 - 7]).expect("cut index");
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("8 records from its index .data_generator.index, 4 after it"), "{}", read_back_line(&dir));
     assert_eq!(std::fs::read(&index).expect("index"), whole);
     assert_eq!(fake.generations().len(), 12, "nothing asked again");
@@ -439,13 +452,13 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     let dropped: Value = serde_json::from_str(lines[5]).expect("json");
     let kept: String = lines.iter().enumerate().filter(|(i, _)| *i != 5).map(|(_, l)| format!("{l}\n")).collect();
     std::fs::write(&jsonl, kept).expect("write");
-    run(&dir).expect_stdout("1 of 1 requests done");
+    run_ok(&dir).expect_stdout("1 of 1 requests done");
     assert!(read_back_line(&dir).contains("11 records from ") && read_back_line(&dir).contains("dataset.jsonl (its index did not match it"), "{}", read_back_line(&dir));
     let again: Vec<String> = fake.generations()[12..].iter().filter_map(|g| g.prompt.clone()).collect();
     assert_eq!(again, vec![dropped["prompt"].as_str().unwrap_or_default().to_owned()], "only the deleted row ran again");
     check_complete(&dir, 12, 1);
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("12 records from its index"), "the run extended the index it rewrote: {}", read_back_line(&dir));
 
     // A row deleted from the middle of the CSV: the index does not match; the CSV is repaired
@@ -455,7 +468,7 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     let start = csv_text.find("\nr4,").expect("r4's row") + 1;
     let end = csv_text.find("\nr5,").expect("r5's row") + 1;
     std::fs::write(&csv, format!("{}{}", &csv_text[..start], &csv_text[end..])).expect("write csv");
-    run(&dir).expect_stdout("nothing to do").expect_stderr("dataset.csv");
+    run_ok(&dir).expect_stdout("nothing to do").expect_stderr("dataset.csv");
     assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
     assert_eq!(fake.generations().len(), 13);
     check_complete(&dir, 12, 1);
@@ -467,15 +480,15 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     let mut rows_in = dir.read("questions.jsonl");
     rows_in.push_str("{\"id\": \"r13\", \"question\": \"one more?\"}\n");
     dir.write("questions.jsonl", &rows_in);
-    run(&dir).expect_stdout("1 of 1 requests done");
+    run_ok(&dir).expect_stdout("1 of 1 requests done");
     assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
     cfg.output = "dir = \"out\"\n".into();
     dir.write("run.toml", cfg.toml());
-    run(&dir).expect_stdout("nothing to do").expect_stderr("re-appended 1 records");
+    run_ok(&dir).expect_stdout("nothing to do").expect_stderr("re-appended 1 records");
     assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
     check_complete(&dir, 13, 1);
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
     assert_eq!(fake.generations().len(), 14);
 
@@ -486,10 +499,10 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     std::fs::write(&jsonl, &text).expect("blank lines");
     rows_in.push_str("{\"id\": \"r14\", \"question\": \"after the blank lines?\"}\n");
     dir.write("questions.jsonl", &rows_in);
-    run(&dir).expect_stdout("1 of 1 requests done");
+    run_ok(&dir).expect_stdout("1 of 1 requests done");
     assert!(read_back_line(&dir).contains("13 records from its index"), "{}", read_back_line(&dir));
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(read_back_line(&dir).contains("14 records from its index .data_generator.index, 0 after it"), "{}", read_back_line(&dir));
     let recs: Vec<Value> = dir.read("out/dataset.jsonl").lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("json")).collect();
     assert_eq!((recs.len(), read_csv(&csv).1.len()), (14, 14));
@@ -498,33 +511,22 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
 
 /// The last "input:" line of the run log: how the run checked the input.
 fn input_line(dir: &Dir) -> String {
-    let log = dir.read("out/run.log");
-    log.lines().rfind(|l| l.contains(" input: ")).unwrap_or_else(|| panic!("no input line in run.log:\n{log}")).to_owned()
+    last_log_line(dir, " input: ")
 }
 
 #[test]
 fn the_inputs_keys_are_kept_for_the_next_run_while_the_input_and_config_stay_as_they_were() {
-    let fake = FakeOllama::start(Options::default());
-    let dir = Dir::new();
-    let qs = questions(8);
-    write_questions(&dir, &qs.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut cfg = ConfigBuilder::new(&fake.url());
-    dir.write("run.toml", cfg.toml());
-    let run = |dir: &Dir| {
-        let r = dir.run(&["--config", "run.toml", "--progress", "none"], &[]);
-        r.expect_code(0);
-        r
-    };
+    let (fake, dir, mut cfg) = questions_folder(8);
     let jsonl = dir.join("out/dataset.jsonl");
     let kept = dir.join("out/.data_generator.asked");
-    run(&dir);
+    run_ok(&dir);
     assert!(!kept.exists(), "a first run into a new folder checks the input as it streams, keeping nothing");
 
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(input_line(&dir).contains("checked: 8 requests, their keys kept in .data_generator.asked"), "{}", input_line(&dir));
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(input_line(&dir).contains("the keys of 8 requests from .data_generator.asked"), "{}", input_line(&dir));
 
     // A record lost from the dataset: the kept keys say which request it was.
@@ -532,7 +534,7 @@ fn the_inputs_keys_are_kept_for_the_next_run_while_the_input_and_config_stay_as_
     let lines: Vec<&str> = text.lines().collect();
     let dropped: Value = serde_json::from_str(lines[2]).expect("json");
     std::fs::write(&jsonl, lines.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, l)| format!("{l}\n")).collect::<String>()).expect("write");
-    run(&dir).expect_stdout("1 of 1 requests done");
+    run_ok(&dir).expect_stdout("1 of 1 requests done");
     assert!(input_line(&dir).contains("the keys of 8 requests from"), "{}", input_line(&dir));
     assert_eq!(fake.generations().last().and_then(|g| g.prompt.clone()).as_deref(), dropped["prompt"].as_str());
     assert_eq!(fake.generations().len(), 9);
@@ -541,13 +543,13 @@ fn the_inputs_keys_are_kept_for_the_next_run_while_the_input_and_config_stay_as_
     let mut rows = dir.read("questions.jsonl");
     rows.push_str("{\"id\": \"r99\", \"question\": \"one more?\"}\n");
     dir.write("questions.jsonl", rows);
-    run(&dir).expect_stdout("1 of 1 requests done");
+    run_ok(&dir).expect_stdout("1 of 1 requests done");
     assert!(input_line(&dir).contains("checked: 9 requests, their keys kept"), "{}", input_line(&dir));
 
     // The template edited: checked again, every row runs.
     cfg.prompts = "template_text = \"Question: {{ question }}\"\n".into();
     dir.write("run.toml", cfg.toml());
-    run(&dir).expect_stdout("9 of 9 requests done");
+    run_ok(&dir).expect_stdout("9 of 9 requests done");
     assert!(input_line(&dir).contains("checked: 9 requests"), "{}", input_line(&dir));
     assert_eq!(fake.generations().len(), 19);
 
@@ -555,7 +557,7 @@ fn the_inputs_keys_are_kept_for_the_next_run_while_the_input_and_config_stay_as_
     let bytes = std::fs::read(&kept).expect("kept keys");
     std::fs::write(&kept, &bytes[..bytes.len() - 16]).expect("cut");
     touch(&jsonl);
-    run(&dir).expect_stdout("nothing to do");
+    run_ok(&dir).expect_stdout("nothing to do");
     assert!(input_line(&dir).contains("checked: 9 requests, their keys kept"), "{}", input_line(&dir));
     assert_eq!(std::fs::read(&kept).expect("kept keys"), bytes, "written again, the same");
     check_complete_rows(&dir, 9);

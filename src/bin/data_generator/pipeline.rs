@@ -205,6 +205,29 @@ fn stop_signals() -> anyhow::Result<mpsc::UnboundedReceiver<&'static str>> {
     Ok(rx)
 }
 
+/// The input's requests keyed, and how (for the log): taken from the last run's
+/// [`plan::ASKED_FILE`] when the input and the config are as they were then; else checked, and
+/// kept there for the next run (unless the input changed while it was read).
+fn input_keys(planner: &Planner, cfg: &Config, paths: &OutputPaths) -> Result<(Asked, String), plan::PlanError> {
+    let file = paths.dir.join(plan::ASKED_FILE);
+    let fp = manifest::input_fingerprint(cfg);
+    if let Some(asked) = fp.as_deref().and_then(|fp| Asked::load(&file, fp)) {
+        let note = format!("the keys of {} requests from {} (the input and the config are as when they were made)", asked.requests(), plan::ASKED_FILE);
+        return Ok((asked, note));
+    }
+    let asked = planner.asked()?;
+    let n = asked.requests();
+    let note = match fp.filter(|fp| manifest::input_fingerprint(cfg).as_ref() == Some(fp)).map(|fp| asked.save(&file, &fp)) {
+        Some(Ok(())) => format!("checked: {n} requests, their keys kept in {}", plan::ASKED_FILE),
+        Some(Err(e)) => {
+            let _ = std::fs::remove_file(&file);
+            format!("checked: {n} requests (cannot keep their keys in {}: {e})", plan::ASKED_FILE)
+        }
+        None => format!("checked: {n} requests (the input changed while it was read: its keys are not kept)"),
+    };
+    Ok((asked, note))
+}
+
 /// Says in the log how the folder was read back and the input checked.
 fn log_read_back(prior: &Prior, input_note: &str) {
     if !prior.read_note.is_empty() {
@@ -253,37 +276,17 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
     // A folder to resume: it is read (repaired, its records' keys collected) while the input is
     // checked (every row read, rendered and keyed), on two threads: on a large batch each takes
     // seconds. Its error, if any, comes first, as when they ran one after the other.
-    // The input's keys are taken from the last run's when the input and the config are as they
-    // were then (and kept for the next run when they are not).
-    let asked_file = paths.dir.join(plan::ASKED_FILE);
-    let input_fp = manifest::input_fingerprint(&cfg);
     let mut input_note = String::new();
     let (prior, asked) = if opts.fresh {
         (Prior::default(), None)
     } else if lock.is_some() {
         let (prior, asked) = std::thread::scope(|s| {
-            let asked = s.spawn(|| match input_fp.as_deref().and_then(|fp| Asked::load(&asked_file, fp)) {
-                Some(a) => Ok((a, true)),
-                None => planner.asked().map(|a| (a, false)),
-            });
+            let asked = s.spawn(|| input_keys(&planner, &cfg, &paths));
             let prior = resume::load(&paths, &cfg.raw.output.formats, killed_since.as_deref(), cfg.schema.is_some());
             (prior, asked.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
         });
-        let asked = asked.map(|(asked, kept)| {
-            input_note = if kept {
-                format!("the keys of {} requests from {} (the input and the config are as when they were made)", asked.requests(), plan::ASKED_FILE)
-            } else {
-                // Kept only when the input did not change while it was read.
-                let saved = input_fp.as_deref().filter(|fp| manifest::input_fingerprint(&cfg).as_deref() == Some(*fp)).map(|fp| asked.save(&asked_file, fp));
-                match saved {
-                    Some(Ok(())) => format!("checked: {} requests, their keys kept in {}", asked.requests(), plan::ASKED_FILE),
-                    Some(Err(e)) => {
-                        let _ = std::fs::remove_file(&asked_file);
-                        format!("checked: {} requests (cannot keep their keys in {}: {e})", asked.requests(), plan::ASKED_FILE)
-                    }
-                    None => format!("checked: {} requests (the input changed while it was read: its keys are not kept)", asked.requests()),
-                }
-            };
+        let asked = asked.map(|(asked, note)| {
+            input_note = note;
             asked
         });
         (prior?, Some(asked))
