@@ -464,9 +464,11 @@ fn the_index_is_used_while_it_matches_the_dataset_and_rebuilt_when_not() {
     // A row deleted from the middle of the CSV: the index does not match; the CSV is repaired
     // from the JSONL and nothing is asked.
     let csv_text = dir.read("out/dataset.csv");
-    // Rows start with their id (r4's row ends where r5's starts).
-    let start = csv_text.find("\nr4,").expect("r4's row") + 1;
-    let end = csv_text.find("\nr5,").expect("r5's row") + 1;
+    // Rows start with their id and come in the JSONL's order (the order replies finished, not
+    // the ids'): the third record's row ends where the fourth's starts, and nine rows follow it.
+    let order: Vec<String> = read_jsonl(&jsonl).iter().map(|r| r["id"].as_str().expect("id").to_owned()).collect();
+    let start = csv_text.find(&format!("\n{},", order[2])).expect("the third row") + 1;
+    let end = csv_text.find(&format!("\n{},", order[3])).expect("the fourth row") + 1;
     std::fs::write(&csv, format!("{}{}", &csv_text[..start], &csv_text[end..])).expect("write csv");
     run_ok(&dir).expect_stdout("nothing to do").expect_stderr("dataset.csv");
     assert!(read_back_line(&dir).contains("its index did not match it"), "{}", read_back_line(&dir));
