@@ -70,7 +70,8 @@ fn read_events(host: &str, path: &str) -> Vec<(String, Value)> {
 
 #[test]
 fn the_event_stream_adds_up_to_the_stored_responses() {
-    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(4), ..Default::default() });
+    // Slow enough that the page connects before the first row finishes, even on a busy machine.
+    let fake = FakeOllama::start(Options { token_delay: Duration::from_millis(10), ..Default::default() });
     let dir = Dir::new();
     write_questions(&dir, &["Pourquoi le ciel est-il bleu ? 日本", "<img src=x onerror=alert(1)></script>", "Why?", "Wie?", "Comment ?", "Perché?"]);
     dir.write("run.toml", ConfigBuilder::new(&fake.url()).toml());
@@ -96,6 +97,10 @@ fn the_event_stream_adds_up_to_the_stored_responses() {
                 text.insert(id.clone(), j["job"]["text"].as_str().unwrap_or_default().to_owned());
                 label.insert(id, j["job"]["label"].as_str().unwrap_or_default().to_owned());
             }
+            // Rows that finished before the page connected (on a busy machine).
+            for row in v["finished"].as_array().into_iter().flatten() {
+                finished.push((row["label"].as_str().unwrap_or_default().to_owned(), row["response"].as_str().unwrap_or_default().to_owned()));
+            }
             continue;
         }
         for s in v["started"].as_array().into_iter().flatten() {
@@ -117,6 +122,9 @@ fn the_event_stream_adds_up_to_the_stored_responses() {
 
     let records = read_jsonl(&dir.join("out/dataset.jsonl"));
     let stored: HashMap<String, String> = records.iter().map(|r| (format!("row {}", r["id"].as_str().unwrap_or_default()), r["response"].as_str().unwrap_or_default().to_owned())).collect();
+    // A row in the snapshot can come again in the first batch after it.
+    finished.sort();
+    finished.dedup();
     assert_eq!(finished.len(), 6, "every finished row in the feed");
     for (l, response) in &finished {
         assert_eq!(stored.get(l), Some(response), "{l}: the feed's finished text is the stored one");

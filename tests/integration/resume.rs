@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_ollama::{expected_response, FakeOllama, Options};
-use crate::util::{read_csv, read_jsonl, write_questions, ConfigBuilder, Dir, Run, BIN};
+use crate::util::{complete_records, read_csv, read_jsonl, wait_for, write_questions, ConfigBuilder, Dir, Run, BIN};
 
 fn questions(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("Question n°{i}: pourquoi ? 日本 🎉")).collect()
@@ -59,12 +59,6 @@ fn wait_for_requests(fake: &FakeOllama, n: usize) {
     while fake.generations().len() < n && start.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// The complete records of the dataset (a torn last line, if any, is not one).
-fn complete_records(dir: &Dir) -> Vec<Value> {
-    let Ok(text) = std::fs::read_to_string(dir.join("out/dataset.jsonl")) else { return Vec::new() };
-    text.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
 /// A request's identity on the wire and in the dataset: (prompt, seed).
@@ -193,7 +187,8 @@ fn sigint_twice_aborts_at_once() {
     let child = spawn(&dir, &["--config", "run.toml"]);
     wait_for_requests(&fake, 2);
     signal(&child, "-INT");
-    std::thread::sleep(Duration::from_millis(300));
+    // The second Ctrl-C once the first was seen (signals that arrive together count as one).
+    wait_for("the first Ctrl-C seen", Duration::from_secs(30), || dir.read("out/run.log").contains("stopping: no new requests"));
     let t = Instant::now();
     signal(&child, "-INT");
     let (code, out, err, _) = wait(child, Duration::from_secs(30));

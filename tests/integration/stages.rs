@@ -423,14 +423,16 @@ fn a_stage_cap_holds_whatever_the_endpoint_allows() {
         .replace("name = \"answer\"\n", "name = \"answer\"\nconcurrency = 2\n");
     dir.write("run.toml", &cfg);
     dir.run(&["--config", "run.toml", "--progress", "none"], &[]).expect_code(0);
-    // In flight at once, by the records' own times (sent = finished - duration; ms precision).
+    // In flight at once, by the records' own times (sent = finished - duration; ms precision;
+    // finished_at is stamped a little after the slot is freed, so 20 ms of slack: a request
+    // lasts ~100 ms, an overlap past the cap would last about that long).
     let peak = |stage: &str| {
         let mut events: Vec<(i64, i32)> = Vec::new();
         for r in read_jsonl(&dir.join(&format!("out/stages/{stage}.jsonl"))) {
             let end = humantime::parse_rfc3339(r["finished_at"].as_str().unwrap_or_default()).expect("time");
             let end = end.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as i64;
             let start = end - r["duration_ms"].as_i64().unwrap_or(0);
-            events.push((start + 2, 1));
+            events.push((start + 20, 1));
             events.push((end, -1));
         }
         events.sort();

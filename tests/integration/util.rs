@@ -201,6 +201,13 @@ pub fn spawn(dir: &Dir, args: &[&str]) -> Child {
 }
 
 /// Waits until `ok`, failing the test after `limit`.
+/// The complete records of `out/dataset.jsonl` so far: a torn last line (a run killed while
+/// writing it, or still writing it) is not one.
+pub fn complete_records(dir: &Dir) -> Vec<Value> {
+    let Ok(text) = std::fs::read_to_string(dir.join("out/dataset.jsonl")) else { return Vec::new() };
+    text.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
 pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
