@@ -870,7 +870,16 @@ fn notice(ev: &Event, view: &ProgressView) -> Option<String> {
     let url = |e: &usize| view.endpoints.get(*e).map(|v| v.url.clone()).unwrap_or_default();
     match ev {
         Event::Failed { label, error, .. } => Some(format!("failed: {label}: {error}")),
-        Event::Stopping { .. } => view.stopping_line(),
+        // An event for the scrollback, not the state the live line keeps up to date: a count
+        // printed once would look stale above the bars.
+        Event::Stopping { signal, deadline } => {
+            let n = view.in_flight.len();
+            Some(format!(
+                "stopping ({signal} at {}): no new requests; waiting up to {} for the {n} in flight, Ctrl-C again to abort",
+                clock(SystemTime::now()),
+                format_duration(deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(500))
+            ))
+        }
         Event::EndpointDown { endpoint, since, error, first: true, .. } => Some(format!(
             "{} since {}: {}; requests wait for it, spending no retries",
             if view.endpoints.len() > 1 { format!("{} down", url(endpoint)) } else { "server down".to_owned() },

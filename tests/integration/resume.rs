@@ -162,7 +162,7 @@ fn sigint_once_lets_requests_in_flight_finish() {
     signal(&child, "-INT");
     let (code, out, err, _) = wait(child, Duration::from_secs(40));
     assert_eq!(code, 130, "exit 130 after Ctrl-C\n{out}\n{err}");
-    assert!(err.contains("stopping: waiting for"), "the display says it is stopping\n{err}");
+    assert!(err.contains("stopping (SIGINT at ") && err.contains("waiting up to 30s for the "), "the display says it is stopping\n{err}");
     assert!(out.contains("interrupted by SIGINT"), "{out}");
     let recs = read_jsonl(&dir.join("out/dataset.jsonl"));
     assert!(recs.len() >= 2 && recs.len() < 8, "the requests in flight finished, no new ones began: {}", recs.len());
