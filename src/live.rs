@@ -296,17 +296,31 @@ impl LiveHub {
         self.flush(view.unwrap_or(&empty));
     }
 
-    /// Everything a page needs to start, and the batch number it is current with.
+    /// Everything a page needs to start, and the batch number it is current with: the state as
+    /// of that batch. What changed since comes in the next batch, so it is left out here (text
+    /// streamed since, a request not yet announced, rows finished since), or the page would
+    /// show it twice.
     pub fn snapshot(&self) -> (u64, String) {
         self.with(|st| {
-            let jobs: Vec<Value> = st.jobs.iter().map(|(id, j)| json!({"id": id, "job": j})).collect();
+            let before = |s: &str, since: Option<&str>| s[..s.len().saturating_sub(since.map_or(0, str::len))].to_owned();
+            let jobs: Vec<Value> = st
+                .jobs
+                .iter()
+                .filter(|(id, _)| !st.started.contains(id))
+                .map(|(id, j)| {
+                    let a = st.appended.get(id);
+                    let job = LiveJob { text: before(&j.text, a.map(|a| a.text.as_str())), thinking: before(&j.thinking, a.map(|a| a.thinking.as_str())), ..j.clone() };
+                    json!({"id": id, "job": job})
+                })
+                .collect();
+            let earlier = |n: usize, new: usize| n.saturating_sub(new);
             let v = json!({
                 "seq": st.seq,
                 "status": st.status,
                 "jobs": jobs,
-                "finished": st.finished,
-                "failures": st.failures,
-                "rates": st.rates,
+                "finished": st.finished.iter().take(earlier(st.finished.len(), st.new_finished.len())).collect::<Vec<_>>(),
+                "failures": st.failures.iter().take(earlier(st.failures.len(), st.new_failures.len())).collect::<Vec<_>>(),
+                "rates": &st.rates[..earlier(st.rates.len(), st.new_rates.len())],
                 "ended": st.ended,
             });
             (st.seq, v.to_string())
@@ -368,4 +382,66 @@ async fn events(hub: Arc<LiveHub>) -> axum::response::Response {
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Applies `ev` as the display task does: the view first, then the hub.
+    fn send(hub: &LiveHub, view: &mut ProgressView, ev: Event) {
+        view.apply(&ev);
+        hub.apply(&ev, view);
+    }
+
+    fn token(job: JobId, text: &str) -> Event {
+        Event::Token { job, text: text.into(), thinking: false }
+    }
+
+    fn begin(job: JobId) -> Event {
+        Event::Begin { job, label: format!("row {job}"), stage: 0, prompt: None }
+    }
+
+    fn json(s: &str) -> Value {
+        serde_json::from_str(s).expect("json")
+    }
+
+    #[test]
+    fn a_snapshot_holds_what_its_batch_said_and_the_next_batch_adds_the_rest_once() {
+        let hub = LiveHub::new("t");
+        let mut view = ProgressView::new();
+        let mut rx = hub.subscribe();
+        for ev in [begin(1), token(1, "Répon"), begin(2)] {
+            send(&hub, &mut view, ev);
+        }
+        hub.flush(&view);
+        rx.try_recv().expect("the first batch");
+        // Since that batch: more text, a new request, a finished one.
+        for ev in [token(1, "se à «"), begin(3), token(3, "Hi"), Event::Done { job: 2, completion_tokens: 0 }] {
+            send(&hub, &mut view, ev);
+        }
+
+        let (seq, snap) = hub.snapshot();
+        let snap = json(&snap);
+        assert_eq!(snap["seq"], seq);
+        let jobs = snap["jobs"].as_array().expect("jobs");
+        // Request 1 as the batch left it; not 3 (the next batch starts it); 2 is gone (the next
+        // batch lists it finished).
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        assert_eq!(jobs[0]["job"]["text"], "Répon", "the text as of the batch");
+        assert_eq!(snap["finished"].as_array().map(Vec::len), Some(0), "row 2 finished after it");
+
+        hub.flush(&view);
+        let (next, batch) = rx.try_recv().expect("the next batch");
+        assert_eq!(next, seq + 1);
+        let batch = json(&batch);
+        assert_eq!(format!("{}{}", jobs[0]["job"]["text"].as_str().unwrap_or_default(), batch["appended"]["1"]["text"].as_str().unwrap_or_default()), "Réponse à «");
+        assert_eq!(batch["started"][0]["job"]["text"], "Hi", "request 3 comes whole");
+        assert_eq!(batch["gone"], json!([2]));
+        assert_eq!(batch["finished"][0]["label"], "row 2");
+        // And a page that connects now sees it all, once.
+        let now = json(&hub.snapshot().1);
+        assert_eq!(now["jobs"].as_array().map(|j| j.iter().map(|j| j["job"]["text"].clone()).collect::<Vec<_>>()), Some(vec![json!("Réponse à «"), json!("Hi")]));
+        assert_eq!(now["finished"][0]["label"], "row 2");
+    }
 }

@@ -113,16 +113,16 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     let mut cfg = ConfigBuilder::new(&fake.url());
     cfg.run = "concurrency = 2\n".into();
     dir.write("run.toml", cfg.toml());
-    let (mut run, url, _stderr) = spawn_until_line(&dir, &["--config", "run.toml", "--progress", "none", "--serve", "127.0.0.1:0"], "live view: ");
-
+    // The browser first, so that none of the run passes while it starts.
     let d = driver();
     let sid = session(&d);
+    let (mut run, url, _stderr) = spawn_until_line(&dir, &["--config", "run.toml", "--progress", "none", "--serve", "127.0.0.1:0"], "live view: ");
     let t = Instant::now();
     wd(d.port, "POST", &format!("/session/{sid}/url"), Some(json!({"url": url})));
     eprintln!("page loaded in {:?}", t.elapsed());
 
     // Requests in flight, their text streaming in.
-    let flight = wait_for(d.port, &sid, "a request streaming", "const t = [...document.querySelectorAll('.job pre.text')].map(p => p.textContent).filter(t => t.length > 3); return t.length ? t : false;", Duration::from_secs(30));
+    let flight = wait_for(d.port, &sid, "a request streaming", "const t = [...document.querySelectorAll('.job pre.text')].map(p => p.textContent).filter(t => t.length > 12); return t.length ? t : false;", Duration::from_secs(30));
     assert!(flight.as_array().is_some_and(|t| t.iter().any(|x| x.as_str().is_some_and(|s| s.starts_with("Réponse")))), "{flight}");
     screenshot(&d, &sid, "live-view.png");
 
@@ -136,8 +136,14 @@ fn the_live_page_shows_requests_streaming_and_model_text_as_text() {
     assert_eq!(dom["rows"], 6);
     let text = dom["text"].as_str().unwrap_or_default();
     assert!(text.contains(PAYLOAD), "the payload shows as text");
-    for r in read_jsonl(&dir.join("out/dataset.jsonl")) {
+    let stored = read_jsonl(&dir.join("out/dataset.jsonl"));
+    for r in &stored {
         assert!(text.contains(r["response"].as_str().unwrap_or("?").lines().next().unwrap_or("?")), "every finished response is on the page");
+    }
+    // What streamed on the page when it connected mid-run is a piece of a stored reply (none of
+    // it shown twice: the snapshot and the batch after it once overlapped).
+    for t in flight.as_array().into_iter().flatten().filter_map(Value::as_str) {
+        assert!(stored.iter().any(|r| r["response"].as_str().is_some_and(|s| s.contains(t))), "{t:?} is not a piece of any stored reply");
     }
     wd(d.port, "DELETE", &format!("/session/{sid}"), None);
     assert_eq!(run.wait().ok().and_then(|s| s.code()), Some(0));
