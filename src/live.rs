@@ -172,6 +172,12 @@ impl LiveHub {
                     }
                     if fresh {
                         st.appended.remove(job);
+                        // Sent whole in the next batch, its text replaced: a phase alone would
+                        // not say the text restarted when several phases share one batch (a
+                        // re-ask answered within 100 ms).
+                        if st.jobs.contains_key(job) && !st.started.contains(job) {
+                            st.started.push(*job);
+                        }
                     }
                     st.phases.insert(*job, (phase, attempt));
                 }
@@ -302,7 +308,7 @@ impl LiveHub {
     /// show it twice.
     pub fn snapshot(&self) -> (u64, String) {
         self.with(|st| {
-            let before = |s: &str, since: Option<&str>| s[..s.len().saturating_sub(since.map_or(0, str::len))].to_owned();
+            let before = |s: &str, since: Option<&str>| since.and_then(|a| s.strip_suffix(a)).unwrap_or(s).to_owned();
             let jobs: Vec<Value> = st
                 .jobs
                 .iter()
@@ -443,5 +449,25 @@ mod tests {
         let now = json(&hub.snapshot().1);
         assert_eq!(now["jobs"].as_array().map(|j| j.iter().map(|j| j["job"]["text"].clone()).collect::<Vec<_>>()), Some(vec![json!("Réponse à «"), json!("Hi")]));
         assert_eq!(now["finished"][0]["label"], "row 2");
+    }
+
+    #[test]
+    fn a_request_asked_again_comes_whole_with_its_new_text() {
+        let hub = LiveHub::new("t");
+        let mut view = ProgressView::new();
+        let mut rx = hub.subscribe();
+        for ev in [begin(1), Event::Attempt { job: 1, endpoint: 0 }, token(1, "{\"bad\": 1}")] {
+            send(&hub, &mut view, ev);
+        }
+        hub.flush(&view);
+        rx.try_recv().expect("the first batch");
+        // A re-ask answered at once: its phases share one batch, the last one "streaming".
+        for ev in [Event::ReAsk { job: 1, n: 1, of: 2, error: "not valid".into() }, Event::Attempt { job: 1, endpoint: 0 }, Event::Responding { job: 1 }, token(1, "{\"good\": 2}")] {
+            send(&hub, &mut view, ev);
+        }
+        hub.flush(&view);
+        let batch = json(&rx.try_recv().expect("the next batch").1);
+        assert_eq!(batch["started"][0]["job"]["text"], "{\"good\": 2}", "the text replaced: {batch}");
+        assert!(batch["appended"].get("1").is_none(), "and not appended to the old one: {batch}");
     }
 }

@@ -57,8 +57,9 @@ pub enum Event {
     EndpointUp { endpoint: usize, after: Duration },
     /// An endpoint that answers but keeps failing was set aside until `until`, or came back (None).
     Endpoint { endpoint: usize, until: Option<Instant> },
-    /// No new requests will start (Ctrl-C); those in flight may finish until `deadline`.
-    Stopping { signal: String, deadline: Instant },
+    /// No new requests will start (Ctrl-C); those in flight may finish until `deadline`, `grace`
+    /// from now.
+    Stopping { signal: String, deadline: Instant, grace: Duration },
     /// The run is over: the display clears itself and returns its view.
     End,
 }
@@ -383,7 +384,7 @@ impl ProgressView {
                     e.set_aside = *until;
                 }
             }
-            Event::Stopping { signal, deadline } => self.stopping = Some((signal.clone(), *deadline)),
+            Event::Stopping { signal, deadline, .. } => self.stopping = Some((signal.clone(), *deadline)),
             Event::End => {}
         }
     }
@@ -872,12 +873,13 @@ fn notice(ev: &Event, view: &ProgressView) -> Option<String> {
         Event::Failed { label, error, .. } => Some(format!("failed: {label}: {error}")),
         // An event for the scrollback, not the state the live line keeps up to date: a count
         // printed once would look stale above the bars.
-        Event::Stopping { signal, deadline } => {
-            let n = view.in_flight.len();
+        // Requests only waiting (for a slot, a retry, the server) are given up, not waited for.
+        Event::Stopping { signal, grace, .. } => {
+            let n = view.in_flight.values().filter(|f| matches!(f.phase, Phase::Sent | Phase::PromptEval | Phase::Streaming)).count();
             Some(format!(
                 "stopping ({signal} at {}): no new requests; waiting up to {} for the {n} in flight, Ctrl-C again to abort",
                 clock(SystemTime::now()),
-                format_duration(deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(500))
+                format_duration(*grace)
             ))
         }
         Event::EndpointDown { endpoint, since, error, first: true, .. } => Some(format!(

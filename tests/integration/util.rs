@@ -200,7 +200,6 @@ pub fn spawn(dir: &Dir, args: &[&str]) -> Child {
     spawn_with(dir, args, Stdio::piped(), Stdio::piped())
 }
 
-/// Waits until `ok`, failing the test after `limit`.
 /// The complete records of `out/dataset.jsonl` so far: a torn last line (a run killed while
 /// writing it, or still writing it) is not one.
 pub fn complete_records(dir: &Dir) -> Vec<Value> {
@@ -208,6 +207,7 @@ pub fn complete_records(dir: &Dir) -> Vec<Value> {
     text.split_inclusive('\n').filter(|l| l.ends_with('\n')).filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
+/// Waits until `ok`, failing the test after `limit`.
 pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {

@@ -620,7 +620,7 @@ impl Stopping {
         stop.cancel();
         self.deadline = tokio::time::Instant::now() + self.grace;
         tracing::warn!(signal = sig, grace_secs = self.grace.as_secs_f64(), "stopping: no new requests; waiting for those in flight");
-        progress.send(Event::Stopping { signal: sig.into(), deadline: self.deadline.into_std() });
+        progress.send(Event::Stopping { signal: sig.into(), deadline: self.deadline.into_std(), grace: self.grace });
         false
     }
 
