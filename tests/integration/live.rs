@@ -78,7 +78,7 @@ struct Replay {
 
 fn replay(events: &[(String, Value)]) -> Replay {
     let mut r = Replay { text: HashMap::new(), label: HashMap::new(), finished: Vec::new() };
-    let mut whole = |r: &mut Replay, j: &Value| {
+    let whole = |r: &mut Replay, j: &Value| {
         let id = j["id"].to_string();
         r.text.insert(id.clone(), j["job"]["text"].as_str().unwrap_or_default().to_owned());
         r.label.insert(id, j["job"]["label"].as_str().unwrap_or_default().to_owned());
