@@ -7,7 +7,7 @@
 //! so a power cut loses at most that many seconds of records.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -568,20 +568,34 @@ impl<I: Send + 'static> Writer<I> {
 
 /// Replaces a file's contents atomically: temp file, fsync, rename, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    replace_file(path, true, |w| w.write_all(bytes))
+}
+
+/// Replaces a file with what `write` writes: into `.<name>.tmp` beside it, then renamed over
+/// it, so that a crash leaves the old file or the new one; with `sync`, the temp file and then
+/// the folder are synced (a cache that can be rebuilt skips that). The temp file is never left
+/// behind, half written, on an error.
+pub fn replace_file(path: &Path, sync: bool, write: impl FnOnce(&mut BufWriter<File>) -> io::Result<()>) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
-    let written = File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = BufWriter::with_capacity(256 * 1024, f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(io::IntoInnerError::into_error)?;
+        if sync {
+            f.sync_all()?;
+        }
+        Ok(())
     });
-    if let Err(e) = written.and_then(|_| std::fs::rename(&tmp, path)) {
-        // Never leave a half-written (or empty) temp file behind.
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if sync {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

@@ -12,10 +12,10 @@
 //! between two syncs, `merge`) are read from the files.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use crate::record::{csv_columns, Record};
+use crate::record::{Record, CSV_COLUMNS, SCHEMA_CSV_COLUMNS};
 
 pub const INDEX_FILE: &str = ".data_generator.index";
 const MAGIC: &[u8; 8] = b"DGINDEX1";
@@ -61,7 +61,8 @@ pub struct Entry {
     pub finished_ms: u64,
 }
 
-const TRUNCATED: u64 = 1 << 63;
+/// The flag bit of a cut-off record, beside its time in milliseconds (also in resume's `Tail`).
+pub(crate) const TRUNCATED: u64 = 1 << 63;
 const HAS_KEY: u64 = 1 << 62;
 const MS_MASK: u64 = (1 << 48) - 1;
 
@@ -218,43 +219,34 @@ fn holds(files: Files<'_>, before: &Entry, e: &Entry) -> io::Result<bool> {
     }
     let Some((csv, _, _)) = files.csv else { return Ok(true) };
     let row = read_range(csv, before.csv_end, e.csv_end)?;
-    let columns = csv_columns(false);
-    let with_schema = csv_columns(true);
     let mut r = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(row.as_slice());
     let mut rec = csv::ByteRecord::new();
     if !matches!(r.read_byte_record(&mut rec), Ok(true)) || r.position().byte() != row.len() as u64 || row.last() != Some(&b'\n') {
         return Ok(false);
     }
-    let cols = if rec.len() == with_schema.len() { with_schema } else { columns };
-    let key_col = cols.iter().position(|c| *c == "key");
+    // A run with a schema has its two columns after the others: `key` is where it is without.
+    let width_ok = rec.len() == CSV_COLUMNS.len() || rec.len() == CSV_COLUMNS.len() + SCHEMA_CSV_COLUMNS.len();
+    let key_col = CSV_COLUMNS.iter().position(|c| *c == "key");
     let key = key_col.and_then(|i| rec.get(i)).and_then(|k| std::str::from_utf8(k).ok()).and_then(crate::resume::parse_key);
-    Ok(rec.len() == cols.len() && key == e.key)
+    Ok(width_ok && key == e.key)
 }
 
 /// Writes the index of `dir` anew: the first `keep` entries of the one there, then `more`.
 /// Written beside it and renamed over it, so that a crash leaves the old one or the new one.
 pub fn rewrite(dir: &Path, flags: Flags, keep: u64, more: impl Iterator<Item = Entry>) -> io::Result<()> {
     let to = path(dir);
-    let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
-    let written = (|| {
-        let mut w = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+    crate::dataset::replace_file(&to, false, |w| {
         w.write_all(&flags.header())?;
         if keep > 0 {
             let mut old = File::open(&to)?;
             old.seek(SeekFrom::Start(HEADER))?;
-            io::copy(&mut old.take(keep * ENTRY as u64), &mut w)?;
+            io::copy(&mut old.take(keep * ENTRY as u64), w)?;
         }
         for e in more {
             w.write_all(&e.bytes())?;
         }
-        w.into_inner().map_err(io::IntoInnerError::into_error)?;
-        std::fs::rename(&tmp, &to)
-    })();
-    if written.is_err() {
-        // Not left behind to take space on a full disk.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+        Ok(())
+    })
 }
 
 /// Removes the index of `dir` (the next resume reads the dataset and writes it anew).

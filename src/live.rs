@@ -319,14 +319,13 @@ impl LiveHub {
                     json!({"id": id, "job": job})
                 })
                 .collect();
-            let earlier = |n: usize, new: usize| n.saturating_sub(new);
             let v = json!({
                 "seq": st.seq,
                 "status": st.status,
                 "jobs": jobs,
-                "finished": st.finished.iter().take(earlier(st.finished.len(), st.new_finished.len())).collect::<Vec<_>>(),
-                "failures": st.failures.iter().take(earlier(st.failures.len(), st.new_failures.len())).collect::<Vec<_>>(),
-                "rates": &st.rates[..earlier(st.rates.len(), st.new_rates.len())],
+                "finished": st.finished.iter().take(st.finished.len().saturating_sub(st.new_finished.len())).collect::<Vec<_>>(),
+                "failures": st.failures.iter().take(st.failures.len().saturating_sub(st.new_failures.len())).collect::<Vec<_>>(),
+                "rates": &st.rates[..st.rates.len().saturating_sub(st.new_rates.len())],
                 "ended": st.ended,
             });
             (st.seq, v.to_string())

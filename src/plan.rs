@@ -155,22 +155,21 @@ impl Asked {
     /// Writes it to `path` (beside it, then renamed over it) with the fingerprint it holds for.
     pub fn save(&self, path: &std::path::Path, fingerprint: &str) -> std::io::Result<()> {
         use std::io::Write;
-        let tmp = path.with_extension("tmp");
-        let mut w = std::io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
-        w.write_all(ASKED_MAGIC)?;
-        w.write_all(&(fingerprint.len() as u32).to_le_bytes())?;
-        w.write_all(fingerprint.as_bytes())?;
-        w.write_all(&self.samples.to_le_bytes())?;
-        w.write_all(&(self.lines.len() as u64).to_le_bytes())?;
-        w.write_all(&(self.keys.len() as u64).to_le_bytes())?;
-        for l in &self.lines {
-            w.write_all(&l.to_le_bytes())?;
-        }
-        for k in &self.keys {
-            w.write_all(&k.to_le_bytes())?;
-        }
-        w.into_inner().map_err(std::io::IntoInnerError::into_error)?;
-        std::fs::rename(&tmp, path)
+        crate::dataset::replace_file(path, false, |w| {
+            w.write_all(ASKED_MAGIC)?;
+            w.write_all(&(fingerprint.len() as u32).to_le_bytes())?;
+            w.write_all(fingerprint.as_bytes())?;
+            w.write_all(&self.samples.to_le_bytes())?;
+            w.write_all(&(self.lines.len() as u64).to_le_bytes())?;
+            w.write_all(&(self.keys.len() as u64).to_le_bytes())?;
+            for l in &self.lines {
+                w.write_all(&l.to_le_bytes())?;
+            }
+            for k in &self.keys {
+                w.write_all(&k.to_le_bytes())?;
+            }
+            Ok(())
+        })
     }
 
     /// What [`Asked::save`] wrote to `path`, when it was written for `fingerprint` and is whole.

@@ -180,7 +180,7 @@ impl Tail {
     fn push(&mut self, key: Option<u128>, jsonl_end: u64, truncated: bool, finished_at: &str) {
         self.keys.push(key.unwrap_or(0));
         self.jsonl_ends.push(jsonl_end);
-        self.meta.push(index::millis(finished_at) | if truncated { 1 << 63 } else { 0 });
+        self.meta.push(index::millis(finished_at) | if truncated { index::TRUNCATED } else { 0 });
     }
 
     /// The index's entries of these records.
@@ -189,8 +189,8 @@ impl Tail {
             key: (self.keys[i] != 0).then_some(self.keys[i]),
             jsonl_end: self.jsonl_ends[i],
             csv_end: self.csv_ends.get(i).copied().unwrap_or(0),
-            truncated: self.meta[i] >> 63 == 1,
-            finished_ms: self.meta[i] & !(1 << 63),
+            truncated: self.meta[i] & index::TRUNCATED != 0,
+            finished_ms: self.meta[i] & !index::TRUNCATED,
         })
     }
 }
@@ -309,12 +309,14 @@ fn read_back(paths: &OutputPaths, csv_only: bool, mut tail: Option<&mut Tail>, s
     // RFC 3339 UTC times of one format compare as text.
     let after = |t: &str| since.is_some_and(|s| !t.is_empty() && t >= s);
     let mut covered = Covered::default();
-    let mut state = IndexRead::NotKept;
     // The records the index holds, when it holds for these files; the rest from the files.
-    if flags.is_some() && !csv_only {
-        state = if paths.dir.join(index::INDEX_FILE).exists() { IndexRead::DidNotHold } else { IndexRead::Missing };
-    }
-    if let Some(files) = flags.filter(|_| !csv_only).and_then(|f| index_files(paths, f).map(|files| (f, files))) {
+    // (`flags` is None for a folder read from its CSV alone.)
+    let mut state = match flags {
+        None => IndexRead::NotKept,
+        Some(_) if paths.dir.join(index::INDEX_FILE).exists() => IndexRead::DidNotHold,
+        Some(_) => IndexRead::Missing,
+    };
+    if let Some(files) = flags.and_then(|f| index_files(paths, f).map(|files| (f, files))) {
         let since_ms = since.map(index::millis).filter(|m| *m > 0);
         let mut since_n = 0u64;
         let read = index::read(&paths.dir, files.0, files.1, |e| {
@@ -396,7 +398,8 @@ pub fn scan(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Resu
             notes.push(format!("{}: has a torn last line; a run will cut it off and keep it aside", p.display()));
         }
     }
-    let (mut prior, _) = read_back(paths, csv_only(paths, formats), None, None, index_flags(paths, formats, schema))?;
+    let only_csv = csv_only(paths, formats);
+    let (mut prior, _) = read_back(paths, only_csv, None, None, index_flags(only_csv, formats, schema))?;
     prior.repairs = notes;
     Ok(prior)
 }
@@ -436,7 +439,7 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
         // The CSV is the truth; only its tail can be torn.
         repairs.extend(cut_torn_csv(&paths.csv)?);
     }
-    let flags = index_flags(paths, formats, schema);
+    let flags = index_flags(only_csv, formats, schema);
     let mut tail = Tail::default();
     let (mut prior, covered) = read_back(paths, only_csv, Some(&mut tail), since, flags)?;
     if !only_csv && formats.contains(&OutputFormat::Csv) {
@@ -445,8 +448,7 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
     if let Some(flags) = flags {
         // The index made to hold every record, for the next resume (and for this run to extend);
         // not for a folder without records (a new one: the run writes it from the start).
-        let records = covered.records > 0 || !tail.keys.is_empty();
-        if records && (!covered.exact || !tail.keys.is_empty()) {
+        if !tail.keys.is_empty() || (covered.records > 0 && !covered.exact) {
             match index::rewrite(&paths.dir, flags, covered.records, tail.entries()) {
                 Ok(()) => prior.read_note.push_str(&format!("; index written for {} records", covered.records + tail.keys.len() as u64)),
                 Err(e) => {
@@ -461,8 +463,8 @@ pub fn load(paths: &OutputPaths, formats: &[OutputFormat], since: Option<&str>, 
 }
 
 /// What the dataset's index is written for, when it is kept (the JSONL is written).
-fn index_flags(paths: &OutputPaths, formats: &[OutputFormat], schema: bool) -> Option<index::Flags> {
-    (formats.contains(&OutputFormat::Jsonl) && !csv_only(paths, formats)).then_some(index::Flags::new(formats.contains(&OutputFormat::Csv), schema))
+fn index_flags(only_csv: bool, formats: &[OutputFormat], schema: bool) -> Option<index::Flags> {
+    (formats.contains(&OutputFormat::Jsonl) && !only_csv).then_some(index::Flags::new(formats.contains(&OutputFormat::Csv), schema))
 }
 
 /// The records of one of our CSV files, one at a time: each one's key, the byte offset where it

@@ -158,13 +158,11 @@
 
   function applyBatch(b) {
     if (b.status && b.status.name) state.status = b.status;
+    // New requests, and requests asked again (their text restarts), come whole.
     for (const s of b.started) state.jobs.set(String(s.id), Object.assign({}, s.job));
     for (const [id, p] of Object.entries(b.phases)) {
       const j = state.jobs.get(id);
       if (j) {
-        if (p.attempt !== j.attempt || p.phase !== "streaming") {
-          if (p.phase !== j.phase && p.phase !== "streaming" && p.phase !== "reading the prompt") { j.text = ""; j.thinking = ""; }
-        }
         j.phase = p.phase;
         j.attempt = p.attempt;
       }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_ollama::{FakeOllama, Options};
-use crate::util::{read_jsonl, spawn_until_line, write_questions, ConfigBuilder, Dir};
+use crate::util::{read_jsonl, spawn_until_line, wait_for, write_questions, ConfigBuilder, Dir};
 
 /// Starts a run with `--serve ADDR`; returns it, the URL it printed and its later stderr lines.
 fn start(dir: &Dir, serve: &str) -> (Child, String, mpsc::Receiver<String>) {
@@ -78,11 +78,6 @@ struct Replay {
 
 fn replay(events: &[(String, Value)]) -> Replay {
     let mut r = Replay { text: HashMap::new(), label: HashMap::new(), finished: Vec::new() };
-    let whole = |r: &mut Replay, j: &Value| {
-        let id = j["id"].to_string();
-        r.text.insert(id.clone(), j["job"]["text"].as_str().unwrap_or_default().to_owned());
-        r.label.insert(id, j["job"]["label"].as_str().unwrap_or_default().to_owned());
-    };
     let mut last_seq = 0;
     for (name, v) in events {
         let seq = v["seq"].as_u64().unwrap_or(0);
@@ -90,7 +85,9 @@ fn replay(events: &[(String, Value)]) -> Replay {
         last_seq = seq;
         let (jobs, appended) = if name == "snapshot" { (&v["jobs"], &Value::Null) } else { (&v["started"], &v["appended"]) };
         for j in jobs.as_array().into_iter().flatten() {
-            whole(&mut r, j);
+            let id = j["id"].to_string();
+            r.text.insert(id.clone(), j["job"]["text"].as_str().unwrap_or_default().to_owned());
+            r.label.insert(id, j["job"]["label"].as_str().unwrap_or_default().to_owned());
         }
         for (id, a) in appended.as_object().into_iter().flatten() {
             r.text.entry(id.clone()).or_default().push_str(a["text"].as_str().unwrap_or_default());
@@ -118,7 +115,7 @@ fn the_event_stream_adds_up_to_the_stored_responses() {
         let host = host.clone();
         std::thread::spawn(move || read_events(&host, "/api/events"))
     };
-    crate::util::wait_for("a request", Duration::from_secs(30), || !fake.generations().is_empty());
+    wait_for("a request", Duration::from_secs(30), || !fake.generations().is_empty());
     std::thread::sleep(Duration::from_millis(150));
     let late = read_events(&host, "/api/events");
     let events = first.join().expect("the first page");
