@@ -1,6 +1,16 @@
 //! `data_generator --config run.toml`: parse the command line, load the config, run, exit code.
 //! Subcommands: `run` (the same), `check` (dry run), `inspect`, `export`, `merge`, `view`.
 
+/// `println!` for what a command says on stdout when it is done (a run's summary): a closed
+/// pipe (`| head`) or a full disk behind a redirect does not turn a finished run into a panic or
+/// a failure.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod ollama_client;
 mod openai_client;
 mod pipeline;
@@ -462,7 +472,7 @@ fn merge(args: MergeArgs) -> anyhow::Result<u8> {
         );
     }
     let stats = data_generator::merge::merge(&args.dirs, &args.output)?;
-    println!(
+    say!(
         "merged {} folders into {}: {} records ({} duplicates dropped), {} unresolved failures",
         args.dirs.len(),
         args.output.display(),

@@ -329,7 +329,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
             m.fingerprint = manifest::fingerprint(&cfg, &paths);
         }
         m.write(&paths.manifest).with_context(|| format!("cannot write {}", paths.manifest.display()))?;
-        println!(
+        say!(
             "{}: nothing to do: {} of {} requests already in {}{}",
             cfg.name(),
             plan.already_done,
@@ -548,7 +548,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutcome> {
 
     let summary = summary_lines(&cfg, &paths, &m, &plan, view.as_ref(), stopping.signal);
     for line in &summary {
-        println!("{line}");
+        say!("{line}");
     }
     let outcome = RunOutcome { failed: failed + plan.skipped_failed, interrupted: stopping.signal.is_some() };
     end_live(hub.as_deref(), view.as_ref(), status, &outcome, summary).await;
@@ -588,7 +588,7 @@ fn unchanged_since_done(cfg: &Config, paths: &OutputPaths, runs: &[RunEntry]) ->
     if start_log(&paths.log).is_ok() {
         tracing::info!(config = %cfg.path.display(), requests, "nothing to do: nothing changed since the last run, which left nothing to do");
     }
-    println!("{}: nothing to do: {requests} of {requests} requests already in {} (nothing changed since the last run)", cfg.name(), paths.dir.display());
+    say!("{}: nothing to do: {requests} of {requests} requests already in {} (nothing changed since the last run)", cfg.name(), paths.dir.display());
     Some(Ok(RunOutcome { failed: 0, interrupted: false }))
 }
 
@@ -1236,7 +1236,7 @@ pub async fn run_stages(cfg: Config, opts: RunOptions) -> anyhow::Result<RunOutc
     manifest_result?;
     let summary = stage_summary_lines(&cfg, &paths, &m, view.as_ref(), stopping.signal);
     for line in &summary {
-        println!("{line}");
+        say!("{line}");
     }
     let skipped: u64 = counts.iter().map(|c| c.skipped_failed).sum();
     let outcome = RunOutcome { failed: failed + skipped, interrupted: stopping.signal.is_some() };
